@@ -1,0 +1,120 @@
+"""MoLFormer configuration, field-compatible with the Hub's `ibm/MoLFormer-XL-both-10pct` config.json.
+
+Kept importable on its own (no project imports) so that `save_pretrained` / `push_to_hub` can ship it for
+`trust_remote_code` users.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+FEATURE_MAP_REDRAW_MODES = ("train", "always", "never")
+REGRESSION_HEADS = ("molformer", "linear", "mlp")
+REGRESSION_POOLINGS = ("mean", "cls")
+REGRESSION_LOSSES = ("mse", "l1", "huber")
+
+
+class MolformerConfig(PretrainedConfig):
+    """Configuration of MoLFormer (linear attention with rotary embeddings) and its task heads.
+
+    Backbone fields keep the Hub names and XL defaults. Two project-specific groups are added:
+
+    * `feature_map_redraw` decides when the attention's random features are redrawn:
+      ``"train"`` (default) redraws on every training forward and keeps them fixed in eval, which is the
+      reference behaviour with deterministic evaluation; ``"always"`` also redraws in eval (what the Hub
+      config's ``deterministic_eval=false`` does); ``"never"`` keeps the checkpoint's features (fixed random
+      features). The Hub's `deterministic_eval` is kept for round-tripping but does not change behaviour, so
+      evaluation is deterministic by default whatever the Hub config says; ask for ``"always"`` to get the
+      Hub's non-deterministic evaluation.
+    * `regression_*` and `target_mean` / `target_std` configure `MolformerForRegression`. The target
+      statistics live here so that a saved model predicts in the label's own units.
+    """
+
+    model_type = "molformer"
+
+    def __init__(
+        self,
+        vocab_size: int = 2362,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 768,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.1,
+        embedding_dropout_prob: float = 0.2,
+        max_position_embeddings: int = 202,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-12,
+        linear_attention_eps: float = 1e-6,
+        num_random_features: int = 32,
+        feature_map_kernel: str = "relu",
+        deterministic_eval: bool = False,
+        classifier_dropout_prob: float | None = None,
+        classifier_skip_connection: bool = True,
+        pad_token_id: int = 2,
+        feature_map_redraw: str = "train",
+        regression_head: str = "molformer",
+        regression_pooling: str = "mean",
+        regression_loss: str = "mse",
+        huber_delta: float = 1.0,
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
+        **kwargs,
+    ):
+        kwargs.setdefault("tie_word_embeddings", False)
+        # The Hub config's auto_map points at remote code that does not run on transformers 5; this native
+        # class replaces it. Saving re-creates an auto_map for this project's own files (register_for_auto_class).
+        kwargs.pop("auto_map", None)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.embedding_dropout_prob = embedding_dropout_prob
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.linear_attention_eps = linear_attention_eps
+        self.num_random_features = num_random_features
+        self.feature_map_kernel = feature_map_kernel
+        self.deterministic_eval = deterministic_eval
+        self.classifier_dropout_prob = classifier_dropout_prob
+        self.classifier_skip_connection = classifier_skip_connection
+        self.feature_map_redraw = feature_map_redraw
+        self.regression_head = regression_head
+        self.regression_pooling = regression_pooling
+        self.regression_loss = regression_loss
+        self.huber_delta = huber_delta
+        self.target_mean = float(target_mean)
+        self.target_std = float(target_std)
+        self._validate_molformer()
+
+    def _validate_molformer(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.feature_map_kernel != "relu":
+            raise ValueError(f"Only the 'relu' feature map kernel exists in MoLFormer, got {self.feature_map_kernel!r}.")
+        checks = {
+            "feature_map_redraw": (self.feature_map_redraw, FEATURE_MAP_REDRAW_MODES),
+            "regression_head": (self.regression_head, REGRESSION_HEADS),
+            "regression_pooling": (self.regression_pooling, REGRESSION_POOLINGS),
+            "regression_loss": (self.regression_loss, REGRESSION_LOSSES),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+        if not self.target_std > 0:
+            raise ValueError(f"target_std must be positive, got {self.target_std}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+__all__ = ["MolformerConfig"]

@@ -1,0 +1,370 @@
+"""Loading molecule tables and turning them into clean, canonicalised frames.
+
+Every script reads its molecules through here so that column detection, invalid-SMILES handling and label
+checks behave the same everywhere, and so that a bad row is always reported with its row number instead of
+silently changing the data a model is trained or evaluated on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from molft.chem import canonical_smiles
+
+logger = logging.getLogger(__name__)
+
+LIPOPHILICITY_HUB_ID = "scikit-fingerprints/MoleculeNet_Lipophilicity"
+SMILES_CANDIDATES: tuple[str, ...] = ("smiles", "SMILES", "smi", "canonical_smiles", "mol", "molecule")
+LABEL_CANDIDATES: tuple[str, ...] = (
+    "label",
+    "labels",
+    "y",
+    "target",
+    "exp",
+    "logd",
+    "logD",
+    "value",
+    "Label",
+)
+
+# Hub datasets name their held-out splits in several ways; scripts only know these three.
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+_MAX_EXAMPLES = 5
+_MAX_BAD_ROWS = 10
+
+
+@dataclass
+class RawData:
+    """Tables as read, before any SMILES/label checks.
+
+    `frames` is either {"all": df} for a dataset that still has to be split, or holds "train",
+    "validation" and/or "test" when the files or the Hub dataset come already split.
+    """
+
+    frames: dict[str, pd.DataFrame]
+    source: str
+
+    @property
+    def is_presplit(self) -> bool:
+        return "all" not in self.frames
+
+
+def embedded_lipophilicity_path() -> Path:
+    """Path of the Lipophilicity CSV shipped inside the `chemloader` package.
+
+    Only the package location is looked up (no import), because importing chemloader pulls in heavy
+    optional dependencies that the toolkit does not need.
+    """
+    spec = importlib.util.find_spec("chemloader")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The 'chemloader' package (which ships a copy of MoleculeNet Lipophilicity) is not installed; "
+            "install it with `pip install chemloader` or pass --train_file/--dataset_name explicitly."
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "datasets" / "_local" / "Lipophilicity.csv"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"chemloader is installed at {list(spec.submodule_search_locations)} but has no "
+        "datasets/_local/Lipophilicity.csv; reinstall chemloader or pass the data file explicitly."
+    )
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read csv/tsv/json/jsonl/parquet by suffix (a trailing .gz/.bz2/.xz/.zip compression suffix is allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {path} does not exist.")
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in {".gz", ".bz2", ".xz", ".zip"}:
+        suffixes = suffixes[:-1]
+    suffix = suffixes[-1] if suffixes else ""
+    if suffix == ".csv":
+        return pd.read_csv(path)
+    if suffix == ".tsv":
+        return pd.read_csv(path, sep="\t")
+    if suffix == ".jsonl":
+        return pd.read_json(path, lines=True)
+    if suffix == ".json":
+        try:
+            return pd.read_json(path)
+        except ValueError:
+            # Hugging Face scripts accept JSON-lines files named .json; pandas needs to be told.
+            logger.info("%s is not a single JSON document; reading it as JSON lines.", path)
+            return pd.read_json(path, lines=True)
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    raise ValueError(
+        f"Cannot read {path}: unknown file type {suffix or '(no suffix)'!r}; "
+        "use .csv, .tsv, .json, .jsonl or .parquet."
+    )
+
+
+def load_raw_dataset(
+    dataset_name: str | None,
+    train_file: str | os.PathLike | None = None,
+    validation_file: str | os.PathLike | None = None,
+    test_file: str | os.PathLike | None = None,
+    dataset_config_name: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> RawData:
+    """Read a named dataset or local files; exactly one of the two must be given."""
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    files = {split: path for split, path in files.items() if path is not None}
+    if dataset_name and files:
+        raise ValueError(
+            f"Got both dataset_name={dataset_name!r} and data files {sorted(files)}; pass only one of them."
+        )
+    if files:
+        frames = {split: read_table(path) for split, path in files.items()}
+        source = ", ".join(f"{split}={path}" for split, path in files.items())
+        return RawData(frames=frames, source=f"files ({source})")
+    if not dataset_name:
+        raise ValueError("No data given: set dataset_name (e.g. 'lipophilicity') or train_file.")
+    if dataset_name.lower() == "lipophilicity":
+        return _load_lipophilicity(cache_dir)
+    return _load_hub_dataset(dataset_name, dataset_config_name, cache_dir)
+
+
+def _load_lipophilicity(cache_dir: str | os.PathLike | None) -> RawData:
+    try:
+        path = embedded_lipophilicity_path()
+    except (ImportError, FileNotFoundError) as err:
+        logger.warning(
+            "Embedded Lipophilicity copy unavailable (%s); falling back to the Hub dataset %s.",
+            err,
+            LIPOPHILICITY_HUB_ID,
+        )
+        return _load_hub_dataset(LIPOPHILICITY_HUB_ID, None, cache_dir)
+    return RawData(frames={"all": pd.read_csv(path)}, source=f"lipophilicity (chemloader copy at {path})")
+
+
+def _load_hub_dataset(name: str, config: str | None, cache_dir: str | os.PathLike | None) -> RawData:
+    import datasets  # imported lazily: it is slow to import and only needed for Hub datasets
+
+    loaded = datasets.load_dataset(name, config, cache_dir=None if cache_dir is None else str(cache_dir))
+    source = f"Hugging Face Hub {name}" + (f" ({config})" if config else "")
+    return RawData(frames=frames_from_hub(loaded, source), source=source)
+
+
+def frames_from_hub(loaded: Any, source: str) -> dict[str, pd.DataFrame]:
+    """Convert a `datasets` Dataset/DatasetDict to pandas frames keyed like `RawData.frames`.
+
+    A dataset with a single split is treated as unsplit ({"all": df}): Hub uploads of MoleculeNet put
+    everything under "train", and using that as the training set would leave nothing to evaluate on.
+    """
+    if not isinstance(loaded, Mapping):
+        return {"all": loaded.to_pandas()}
+    if len(loaded) == 1:
+        (only_split,) = loaded
+        logger.info("%s has a single split %r; treating it as an unsplit dataset.", source, only_split)
+        return {"all": loaded[only_split].to_pandas()}
+    frames: dict[str, pd.DataFrame] = {}
+    for split_name in loaded:
+        key = _SPLIT_ALIASES.get(str(split_name).lower(), str(split_name))
+        if key in frames:
+            raise ValueError(f"{source} has two splits that both mean {key!r}: {list(loaded)}")
+        frames[key] = loaded[split_name].to_pandas()
+    return frames
+
+
+def find_column(
+    df: pd.DataFrame, explicit: str | None, candidates: Sequence[str], kind: str, source: str
+) -> str:
+    """Return the `kind` column: `explicit` if given, else the first candidate present (case-insensitive)."""
+    available = [str(c) for c in df.columns]
+    if explicit is not None:
+        if explicit not in df.columns:
+            raise ValueError(
+                f"{kind} column {explicit!r} not found in {source}; available columns: {available}"
+            )
+        return explicit
+    for candidate in candidates:
+        if candidate in df.columns:
+            return candidate
+        matches = [c for c in df.columns if str(c).lower() == candidate.lower()]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ValueError(
+                f"{source} has several {kind} columns differing only in case: {matches}; name one explicitly."
+            )
+    raise ValueError(
+        f"No {kind} column found in {source}: looked for {list(candidates)} (case-insensitive); "
+        f"available columns: {available}. Name the column explicitly."
+    )
+
+
+def prepare_molecules(
+    df: pd.DataFrame,
+    smiles_column: str,
+    label_column: str | None,
+    *,
+    source: str,
+    strict: bool = False,
+    require_labels: bool = True,
+    keep_columns: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Canonicalise SMILES and validate labels, returning a fresh frame.
+
+    Columns: `smiles` (as given), `canonical_smiles` (RDKit, isomeric), `label` (float, when a label
+    column is given), `row` (the input row number, i.e. the frame's integer index, so messages and
+    predictions can be traced back to the file), plus any `keep_columns` copied unchanged (e.g. IDs or a
+    predefined split column). Invalid SMILES are dropped with a warning (an error when `strict`);
+    bad labels are always an error, because a silently dropped or zero-filled label changes the task.
+    """
+    for column in [smiles_column, label_column, *keep_columns]:
+        if column is not None and column not in df.columns:
+            raise ValueError(
+                f"Column {column!r} not found in {source}; available: {[str(c) for c in df.columns]}"
+            )
+    if label_column is None and require_labels:
+        raise ValueError(f"{source}: a label column is required but none was given.")
+    rows = df.index.to_numpy() if pd.api.types.is_integer_dtype(df.index) else np.arange(len(df))
+
+    labels = None
+    if label_column is not None:
+        labels = _checked_labels(df[label_column], rows, label_column, source)
+
+    raw_smiles = df[smiles_column].to_numpy()
+    canonical = [canonical_smiles(smi) for smi in raw_smiles]
+    valid = np.array([c is not None for c in canonical], dtype=bool)
+    n_invalid = int((~valid).sum())
+    if n_invalid:
+        bad = [f"row {rows[i]}: {raw_smiles[i]!r}" for i in np.flatnonzero(~valid)]
+        if strict:
+            raise ValueError(
+                f"{source}: {n_invalid} SMILES could not be parsed by RDKit ({'; '.join(bad[:_MAX_BAD_ROWS])}"
+                f"{' ...' if n_invalid > _MAX_BAD_ROWS else ''})."
+            )
+        logger.warning(
+            "%s: dropping %d of %d rows whose SMILES RDKit cannot parse, e.g. %s",
+            source,
+            n_invalid,
+            len(df),
+            "; ".join(bad[:_MAX_EXAMPLES]),
+        )
+    if not valid.any():
+        raise ValueError(f"split/file {source} has no valid molecules ({len(df)} rows read).")
+
+    out = pd.DataFrame(
+        {
+            "smiles": [str(s) for s in raw_smiles[valid]],
+            "canonical_smiles": [c for c in canonical if c is not None],
+        }
+    )
+    if labels is not None:
+        out["label"] = labels[valid]
+    out["row"] = rows[valid].astype(np.int64)
+    for column in keep_columns:
+        out[column] = df[column].to_numpy()[valid]
+
+    report = duplicate_report(out)
+    if report["n_duplicated_molecules"]:
+        examples = "; ".join(f"{e['canonical_smiles']} (rows {e['rows']})" for e in report["examples"])
+        logger.warning(
+            "%s: %d molecules occur more than once (%d extra rows, kept), e.g. %s",
+            source,
+            report["n_duplicated_molecules"],
+            report["n_extra_rows"],
+            examples,
+        )
+    logger.info("%s: %d valid molecules (%d invalid SMILES dropped).", source, len(out), n_invalid)
+    return out
+
+
+def _checked_labels(values: pd.Series, rows: np.ndarray, column: str, source: str) -> np.ndarray:
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.flatnonzero(~np.isfinite(numeric))
+    if bad.size:
+        raw = values.to_numpy()
+        shown = "; ".join(f"row {rows[i]}: {raw[i]!r}" for i in bad[:_MAX_BAD_ROWS])
+        raise ValueError(
+            f"{source}: {bad.size} labels in column {column!r} are missing, infinite or not numeric "
+            f"({shown}{' ...' if bad.size > _MAX_BAD_ROWS else ''}). Fix or remove these rows."
+        )
+    return numeric
+
+
+def duplicate_report(df: pd.DataFrame) -> dict[str, Any]:
+    """Summarise repeated canonical SMILES in a prepared frame (repeats with different labels matter most)."""
+    counts = df["canonical_smiles"].value_counts(sort=False)
+    repeated = counts[counts > 1]
+    examples = []
+    max_label_spread = 0.0
+    if len(repeated):
+        groups = df[df["canonical_smiles"].isin(repeated.index)].groupby("canonical_smiles", sort=True)
+        for smi, group in groups:
+            rows = group["row"].tolist() if "row" in group else group.index.tolist()
+            example: dict[str, Any] = {"canonical_smiles": smi, "rows": [int(r) for r in rows]}
+            if "label" in group:
+                spread = float(group["label"].max() - group["label"].min())
+                example["labels"] = [float(v) for v in group["label"]]
+                max_label_spread = max(max_label_spread, spread)
+            if len(examples) < _MAX_EXAMPLES:
+                examples.append(example)
+    report: dict[str, Any] = {
+        "n_duplicated_molecules": len(repeated),
+        "n_extra_rows": int((repeated - 1).sum()),
+        "examples": examples,
+    }
+    if "label" in df:
+        report["max_label_spread"] = max_label_spread
+    return report
+
+
+def drop_overlap(
+    extra: pd.DataFrame, heldout: Mapping[str, pd.DataFrame], drop: bool = True
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Remove molecules of `extra` (e.g. an external or pretraining set) that also appear in held-out splits.
+
+    Keeping them would leak evaluation molecules into training; the overlap is always reported.
+    """
+    report: dict[str, int] = {}
+    in_any = np.zeros(len(extra), dtype=bool)
+    examples: list[str] = []
+    for split_name, frame in heldout.items():
+        overlap = extra["canonical_smiles"].isin(set(frame["canonical_smiles"])).to_numpy()
+        report[split_name] = int(overlap.sum())
+        in_any |= overlap
+        examples += [f"{split_name}: {s}" for s in extra["canonical_smiles"][overlap][:_MAX_EXAMPLES]]
+    report["dropped"] = int(in_any.sum()) if drop else 0
+    if in_any.any():
+        counts = ", ".join(f"{k}={v}" for k, v in report.items() if k != "dropped")
+        logger.warning(
+            "%d of %d molecules also occur in held-out splits (%s) and are %s, e.g. %s",
+            int(in_any.sum()),
+            len(extra),
+            counts,
+            "dropped" if drop else "KEPT",
+            "; ".join(examples[:_MAX_EXAMPLES]),
+        )
+    kept = extra[~in_any] if drop else extra
+    return kept.reset_index(drop=True), report
+
+
+def dataset_fingerprint(canonical_smiles: Sequence[str]) -> str:
+    """sha256 of the ordered canonical SMILES: identifies the exact prepared dataset a split belongs to."""
+    digest = hashlib.sha256()
+    for smi in canonical_smiles:
+        digest.update(str(smi).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()

@@ -1,0 +1,82 @@
+"""Crash-safe output helpers.
+
+Every result file is written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written file that looks complete. Sweeps rely on a final marker file (`DONE_MARKER`) to know a run
+finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DONE_MARKER = "run_complete.json"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv(path: str | os.PathLike, frame: Any, **kwargs: Any) -> None:
+    """Write a pandas DataFrame atomically (index off unless asked)."""
+    kwargs.setdefault("index", False)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, **kwargs)
+
+
+def save_figure(path: str | os.PathLike, fig: Any, **kwargs: Any) -> None:
+    """Save a matplotlib figure atomically; the format comes from the target's suffix."""
+    path = Path(path)
+    kwargs.setdefault("dpi", 150)
+    kwargs.setdefault("bbox_inches", "tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def mark_done(output_dir: str | os.PathLike, info: dict[str, Any] | None = None) -> None:
+    """Write the completion marker; call it last, after every other output exists."""
+    write_json(Path(output_dir) / DONE_MARKER, info or {})
+
+
+def is_done(output_dir: str | os.PathLike) -> bool:
+    return (Path(output_dir) / DONE_MARKER).is_file()
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars/arrays and paths turn up in metrics and manifests
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")

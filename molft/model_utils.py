@@ -1,0 +1,64 @@
+"""Model plumbing shared by the scripts: loading, unwrapping PEFT, pinning feature maps, embeddings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def molformer_config(model: nn.Module):
+    """The MolformerConfig a (possibly PEFT-wrapped) model runs with; its attention layers read it live."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "model_type", None) == "molformer":
+            return config
+    return None
+
+
+@contextmanager
+def fixed_feature_maps(model: nn.Module) -> Iterator[None]:
+    """Pin MoLFormer's random features (no redraw) even in train mode, e.g. for MC dropout or influence.
+
+    A no-op for models without MoLFormer attention, so generic code can always use it.
+    """
+    config = molformer_config(model)
+    if config is None:
+        yield
+        return
+    previous = config.feature_map_redraw
+    config.feature_map_redraw = "never"
+    try:
+        yield
+    finally:
+        config.feature_map_redraw = previous
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> np.ndarray:
+    """Pooled embeddings [N, H] in eval mode, in batch order (the representation the regression head sees)."""
+    base = unwrap_peft(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    try:
+        for batch in batches:
+            chunks.append(
+                base.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().numpy()
+            )
+    finally:
+        model.train(was_training)
+    return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
