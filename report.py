@@ -1,7 +1,7 @@
 """Summarise a sweep directory: per-cell tables, paired tests against baselines, and figures.
 
-    python report.py --sweep_dir runs/sweep --test wilcoxon
-    python report.py configs/report.yaml
+Usage: `python report.py --sweep_dir runs/sweep --test wilcoxon`, or a YAML/JSON config file as the
+sole argument. Safe to run while the sweep is still going: unfinished runs are skipped.
 """
 
 from __future__ import annotations

@@ -55,3 +55,20 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         parser.set_defaults(**config)
         args = overrides
     return parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+
+
+def setup_logging(log_level: int) -> None:
+    """Script logging as in the transformers examples: one stdout handler, libraries at the same level."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        force=True,
+    )
+    logging.getLogger().setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_explicit_format()

@@ -84,7 +84,9 @@ def _squeeze_single_target(values: Any, name: str) -> np.ndarray:
     if array.ndim == 2 and array.shape[1] == 1:
         return array[:, 0]
     if array.ndim != 1:
-        raise ValueError(f"Expected {name} of shape [N] or [N, 1] (single-target regression), got {array.shape}.")
+        raise ValueError(
+            f"Expected {name} of shape [N] or [N, 1] (single-target regression), got {array.shape}."
+        )
     return array
 
 

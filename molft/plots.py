@@ -46,7 +46,14 @@ def parity_plot(y_true: Any, y_pred: Any, path: PathLike | None = None, title: s
 
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.subplots()
-    ax.fill_between(limits, limits - band, limits + band, color="tab:gray", alpha=0.2, label=f"± median |error| ({band:.2f})")
+    ax.fill_between(
+        limits,
+        limits - band,
+        limits + band,
+        color="tab:gray",
+        alpha=0.2,
+        label=f"± median |error| ({band:.2f})",
+    )
     ax.plot(limits, limits, "k--", linewidth=1, label="y = x")
     ax.scatter(y_true, y_pred, s=12, alpha=0.6, color="tab:blue", edgecolors="none")
     ax.set(xlim=limits, ylim=limits, xlabel="measured", ylabel="predicted", aspect="equal")
@@ -144,7 +151,10 @@ def bars_with_ci(
 
 
 def metric_vs_params(
-    table: pd.DataFrame, path: PathLike | None = None, value: str = "test_rmse", params: str = "trainable_params"
+    table: pd.DataFrame,
+    path: PathLike | None = None,
+    value: str = "test_rmse",
+    params: str = "trainable_params",
 ) -> Figure:
     """Score against trainable parameter count (log scale), one point per method × strategy cell.
 
@@ -192,13 +202,18 @@ def shift_diagnostics_plot(
     for name, values in sims.items():
         if np.any((values < 0) | (values > 1)):
             raise ValueError(f"Tanimoto similarities for {name!r} must lie in [0, 1].")
-    labels = {"train": _finite(labels_train, "labels_train"), "external": _finite(labels_external, "labels_external")}
+    labels = {
+        "train": _finite(labels_train, "labels_train"),
+        "external": _finite(labels_external, "labels_external"),
+    }
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     sim_ax, label_ax = fig.subplots(1, 2)
     sim_bins = np.linspace(0.0, 1.0, 41)
     for name, values in sims.items():
-        sim_ax.hist(values, bins=sim_bins, density=True, alpha=0.5, label=f"{name} (median {np.median(values):.2f})")
+        sim_ax.hist(
+            values, bins=sim_bins, density=True, alpha=0.5, label=f"{name} (median {np.median(values):.2f})"
+        )
     sim_ax.set(xlabel="nearest-neighbour Tanimoto similarity", ylabel="density")
     sim_ax.legend()
     label_bins = np.histogram_bin_edges(np.concatenate(list(labels.values())), bins=30)

@@ -87,7 +87,9 @@ def cell_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> 
     return _sort_cells(pd.DataFrame(rows))
 
 
-def paired_table(runs: pd.DataFrame, metric: str = "test_rmse", test: PairedTest = "wilcoxon") -> pd.DataFrame:
+def paired_table(
+    runs: pd.DataFrame, metric: str = "test_rmse", test: PairedTest = "wilcoxon"
+) -> pd.DataFrame:
     """Paired differences (comparison − baseline) within each method, matched on seed and split seed.
 
     Baselines: every strategy against "none" and against "random", and "influence_top" against
@@ -242,7 +244,9 @@ def _paired_row(
             raise ValueError(f"{method}/{strategy} has more than one run per {keys}; cannot pair.")
         sides.append(side)
     matched = sides[0].merge(sides[1], on=keys, suffixes=("_a", "_b"))
-    matched = matched[np.isfinite(matched[[f"{metric}_a", f"{metric}_b"]].to_numpy(dtype=np.float64)).all(axis=1)]
+    matched = matched[
+        np.isfinite(matched[[f"{metric}_a", f"{metric}_b"]].to_numpy(dtype=np.float64)).all(axis=1)
+    ]
     n_dropped = len(sides[0]) + len(sides[1]) - 2 * len(matched)
     if n_dropped:
         logger.info(
@@ -323,7 +327,7 @@ def _markdown_report(
         )
     else:
         test_sentence = "two-sided paired t-test (scipy.stats.ttest_rel)"
-    figures = [f"![{name}]({path.name})" for name, path in paths.items() if path.suffix == ".png"]
+    figures = [f"![{name}]({path.name})\n" for name, path in paths.items() if path.suffix == ".png"]
 
     lines = [
         "# Sweep report",
@@ -349,7 +353,6 @@ def _markdown_report(
         "## Figures",
         "",
         *figures,
-        "",
     ]
     return "\n".join(lines)
 

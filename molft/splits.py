@@ -220,6 +220,7 @@ def _butina_split(df: pd.DataFrame, sizes: tuple[int, int, int], seed: int, cuto
     Clusters are taken in seeded random order; each goes to test if it still fits there, else to
     validation if it fits, else to train. Held-out sets therefore never exceed their target size and
     the occasional very large cluster ends up in train rather than dominating a held-out set.
+    The full distance matrix is held in memory (n² floats: about 140 MB for Lipophilicity's 4200).
     """
     fps = _fingerprints(df)
     distances = 1.0 - chem.tanimoto_matrix(fps, fps).astype(np.float64)

@@ -77,9 +77,7 @@ def paired_comparison(a: Any, b: Any, test: PairedTest = "wilcoxon") -> dict[str
         n_nonzero = int(np.count_nonzero(diff))
         smallest_p = 2.0 / 2**n_nonzero
         if smallest_p > 0.05:
-            result["note"] = (
-                f"{n_nonzero} non-zero pair(s): the smallest possible two-sided Wilcoxon p is {smallest_p:.3g}"
-            )
+            result["note"] = f"smallest possible p with {n_nonzero} non-zero pair(s) is {smallest_p:.3g}"
     return result
 
 

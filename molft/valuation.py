@@ -79,7 +79,8 @@ def knn_shapley_regression(
     val_emb, val_y = _check_xy(val_emb, val_y, "validation")
     if train_emb.shape[1] != val_emb.shape[1]:
         raise ValueError(
-            f"Train embeddings have {train_emb.shape[1]} dimensions, validation embeddings {val_emb.shape[1]}."
+            f"Train embeddings have {train_emb.shape[1]} dimensions, "
+            f"validation embeddings {val_emb.shape[1]}."
         )
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}.")
@@ -96,7 +97,9 @@ def knn_shapley_regression(
     top_nearer = np.minimum(k - 1, n_nearer)
     with np.errstate(divide="ignore", invalid="ignore"):
         # weight of each nearer point in the shared neighbourhood sum
-        w_nearer = np.where(n_nearer > 0, top_nearer * (top_nearer + 1) / (2 * n_nearer * (n_nearer + 1)), 0.0)
+        w_nearer = np.where(
+            n_nearer > 0, top_nearer * (top_nearer + 1) / (2 * n_nearer * (n_nearer + 1)), 0.0
+        )
         # weight of the point at rank j (j >= i + 2) in the shared neighbourhood sum, independent of i
         top_before = np.minimum(k - 1, rank - 2)
         w_farther = np.where(rank >= 3, top_before * (top_before + 1) / (2 * (rank - 2) * (rank - 1)), 0.0)
@@ -161,7 +164,9 @@ def ts_dshapley(
         raise ValueError(f"Unknown surrogate model {model!r}; choose one of {SURROGATE_MODELS}.")
     n_points = len(y)
     if not 1 <= subset_size <= n_points:
-        raise ValueError(f"subset_size must be between 1 and the number of points ({n_points}), got {subset_size}.")
+        raise ValueError(
+            f"subset_size must be between 1 and the number of points ({n_points}), got {subset_size}."
+        )
     if n_subsets is None:
         n_subsets = math.ceil(5 * n_points / subset_size)
     if n_subsets * subset_size < n_points:
@@ -172,15 +177,8 @@ def ts_dshapley(
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}.")
 
-    def fit_predict(rows: np.ndarray) -> np.ndarray:
-        if model == "ridge":
-            learner = Ridge(alpha=ridge_alpha)
-        else:
-            learner = KNeighborsRegressor(n_neighbors=min(n_neighbors, len(rows)))
-        return learner.fit(emb[rows], y[rows]).predict(val_emb)
-
     def utility(rows: np.ndarray) -> float:
-        return -float(np.mean((fit_predict(rows) - val_y) ** 2))
+        return _surrogate_utility(emb[rows], y[rows], val_emb, val_y, model, ridge_alpha, n_neighbors)
 
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -223,6 +221,24 @@ def ts_dshapley(
     return ValuationResult(value_sums / counts, n_fits, seconds, counts, params)
 
 
+def surrogate_utility(
+    emb: np.ndarray,
+    y: np.ndarray,
+    val_emb: np.ndarray,
+    val_y: np.ndarray,
+    *,
+    model: str = "ridge",
+    ridge_alpha: float = 1.0,
+    n_neighbors: int = 5,
+) -> float:
+    """Negative validation MSE of the surrogate learner fitted on (emb, y): the utility TS-DShapley uses."""
+    emb, y = _check_xy(emb, y, "embeddings")
+    val_emb, val_y = _check_xy(val_emb, val_y, "validation")
+    if model not in SURROGATE_MODELS:
+        raise ValueError(f"Unknown surrogate model {model!r}; choose one of {SURROGATE_MODELS}.")
+    return _surrogate_utility(emb, y, val_emb, val_y, model, ridge_alpha, n_neighbors)
+
+
 def prune_by_value(
     values: np.ndarray,
     utility_fn: Callable[[np.ndarray], float],
@@ -261,8 +277,27 @@ def prune_by_value(
             break
         best, n_removed = current, candidate
     seconds = time.perf_counter() - started
-    logger.info("Pruning removed %d of %d points (utility %.4g -> %.4g)", n_removed, n_points, utilities[0], best)
+    logger.info(
+        "Pruning removed %d of %d points (utility %.4g -> %.4g)", n_removed, n_points, utilities[0], best
+    )
     return PruneResult(np.sort(order[n_removed:]), order[:n_removed], utilities, len(utilities), seconds)
+
+
+def _surrogate_utility(
+    emb: np.ndarray,
+    y: np.ndarray,
+    val_emb: np.ndarray,
+    val_y: np.ndarray,
+    model: str,
+    ridge_alpha: float,
+    n_neighbors: int,
+) -> float:
+    if model == "ridge":
+        learner = Ridge(alpha=ridge_alpha)
+    else:
+        learner = KNeighborsRegressor(n_neighbors=min(n_neighbors, len(y)))
+    predictions = learner.fit(emb, y).predict(val_emb)
+    return -float(np.mean((predictions - val_y) ** 2))
 
 
 def _balanced_subsets(n_points: int, n_subsets: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.container import BarContainer
 
 from molft import plots
 
@@ -89,9 +90,10 @@ def test_bars_with_ci(tmp_path, cells):
     fig = plots.bars_with_ci(cells, path=path)
     _assert_written(path)
     (ax,) = fig.axes
-    assert len(ax.containers) == 2  # one bar group per method
+    bar_groups = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bar_groups) == 2  # one bar group per method
     assert len(ax.patches) == 6
-    full_bars = ax.containers[0]
+    full_bars = bar_groups[0]
     assert [bar.get_height() for bar in full_bars] == pytest.approx([0.70, 0.72, 0.74])
     error_segments = full_bars.errorbar.lines[2][0].get_segments()
     assert error_segments[0][:, 1] == pytest.approx([0.67, 0.74])
@@ -127,7 +129,11 @@ def test_shift_diagnostics_plot(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "shift.png"
     fig = plots.shift_diagnostics_plot(
-        rng.uniform(0.2, 0.6, 30), rng.uniform(0.4, 1.0, 40), rng.normal(2, 1, 30), rng.normal(1, 1, 80), path=path
+        rng.uniform(0.2, 0.6, 30),
+        rng.uniform(0.4, 1.0, 40),
+        rng.normal(2, 1, 30),
+        rng.normal(1, 1, 80),
+        path=path,
     )
     _assert_written(path)
     sim_ax, label_ax = fig.axes

@@ -49,7 +49,7 @@ def test_wilcoxon_exact_p_for_tiny_case():
     assert result["p_value"] == pytest.approx(6 / 16)
     assert result["mean_diff"] == pytest.approx(-0.15)
     assert result["n"] == 4 and result["test"] == "wilcoxon"
-    assert "smallest possible" in result["note"]  # 2/16 > 0.05
+    assert result["note"] == "smallest possible p with 4 non-zero pair(s) is 0.125"
 
 
 def test_wilcoxon_all_one_sign_three_pairs():

@@ -1,0 +1,145 @@
+"""Parameter-efficient fine-tuning set-up: LoRA and IA3 through peft, BitFit by freezing, and accounting.
+
+The regression head (`classifier.*`) is always trained and saved (`modules_to_save`), and adapters never
+target it. BitFit has no peft implementation, so it is done by freezing every non-bias parameter; its
+checkpoints are ordinary full models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PEFT_METHODS = ("none", "lora", "ia3", "bitfit")
+HEAD_PREFIX = "classifier"
+# Encoder attention and FFN projections of every layer (regexes match the full module name, so the head's
+# `classifier.dense` can never be hit by accident).
+_LAYER = r".*encoder\.layer\.\d+\."
+DEFAULT_LORA_TARGETS = (
+    _LAYER + r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+)
+# IA3 (Liu et al. 2022) rescales keys, values and the FFN's inner activation; the last is the input of the
+# second FFN linear (`output.dense`), which peft scales when it is listed as a feed-forward module.
+DEFAULT_IA3_TARGETS = _LAYER + r"(attention\.self\.(key|value)|output\.dense)$"
+DEFAULT_IA3_FEEDFORWARD = _LAYER + r"output\.dense$"
+
+
+@dataclass
+class PeftOptions:
+    method: str = "none"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_target_modules: str | None = None
+    ia3_target_modules: str | None = None
+    ia3_feedforward_modules: str | None = None
+    ia3_init_value: float = 1.0
+
+
+def _as_targets(value: str | None, default: str) -> str | list[str]:
+    """A regex string, or a comma-separated list of module-name suffixes."""
+    if not value:
+        return default
+    if "," in value:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def apply_peft(model: nn.Module, options: PeftOptions) -> nn.Module:
+    """Wrap or freeze `model` for the chosen method; the head stays trainable in every case."""
+    method = options.method.lower()
+    if method not in PEFT_METHODS:
+        raise ValueError(f"--peft must be one of {PEFT_METHODS}, got {options.method!r}.")
+    if method == "none":
+        return model
+    if method == "bitfit":
+        for name, param in model.named_parameters():
+            param.requires_grad = name.endswith(".bias") or name.startswith(HEAD_PREFIX + ".")
+        return model
+
+    from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+
+    if method == "lora":
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=options.lora_r,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=options.lora_dropout,
+            target_modules=_as_targets(options.lora_target_modules, DEFAULT_LORA_TARGETS),
+            modules_to_save=[HEAD_PREFIX],
+        )
+    else:
+        config = IA3Config(
+            task_type=TaskType.SEQ_CLS,
+            target_modules=_as_targets(options.ia3_target_modules, DEFAULT_IA3_TARGETS),
+            feedforward_modules=_as_targets(options.ia3_feedforward_modules, DEFAULT_IA3_FEEDFORWARD),
+            modules_to_save=[HEAD_PREFIX],
+        )
+    peft_model = get_peft_model(model, config)
+    if method == "ia3" and options.ia3_init_value != 1.0:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "ia3_l" in name:
+                    param.fill_(options.ia3_init_value)
+    return peft_model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameter counts, and the trainable share."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    # a peft wrapper keeps a frozen copy of the head next to the trained one; count the model a user gets
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_params": int(trainable), "total_params": int(total), "trainable_share": trainable / total}
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_regression_checkpoint(path: str | Path, base_model: str | None = None, **model_kwargs) -> nn.Module:
+    """Load a full `MolformerForRegression` checkpoint, or a peft adapter on top of its base model.
+
+    An adapter folder names its base in `adapter_config.json`; `base_model` overrides that path (e.g. when
+    the run directory moved). The adapter folder's own config.json (head, pooling, target statistics) wins
+    over the base's. Errors say which piece is missing.
+    """
+    import modeling_molformer_reg  # noqa: F401  registers the Auto classes
+    from modeling_molformer_reg import MolformerForRegression
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Checkpoint directory {path} does not exist.")
+    if not is_adapter_checkpoint(path):
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is neither a model checkpoint (config.json) nor a peft adapter.")
+        config = json.loads((path / "config.json").read_text())
+        if config.get("model_type") != "molformer":
+            raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not a MoLFormer regression model.")
+        return MolformerForRegression.from_pretrained(path, **model_kwargs)
+
+    from peft import PeftModel
+
+    from configuration_molformer import MolformerConfig
+
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    base = base_model or adapter.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"Adapter {path} does not name its base model; pass --base_model explicitly.")
+    if Path(base).exists() and not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"Base model {base} of adapter {path} has no config.json.")
+    if not Path(base).exists() and "/" not in str(base):
+        raise FileNotFoundError(f"Base model {base!r} of adapter {path} was not found; pass --base_model.")
+    # run_regression saves the run's config (head, pooling, target statistics) next to the adapter
+    if (path / "config.json").is_file():
+        model_kwargs.setdefault("config", MolformerConfig.from_pretrained(path))
+    model = MolformerForRegression.from_pretrained(base, **model_kwargs)
+    return PeftModel.from_pretrained(model, path)
