@@ -13,7 +13,6 @@ molecule past the threshold and use the budget, when given, only as a cap (best 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import math
@@ -27,9 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from rdkit.SimDivFilters import MaxMinPicker
+from sklearn.cluster import KMeans
 
 from molft import __version__
 from molft.chem import canonical_smiles, morgan_fingerprints
+from molft.data import (
+    LABEL_CANDIDATES,
+    SMILES_CANDIDATES,
+    find_column,
+    prepare_molecules,
+    read_table,
+)
 from molft.io import write_csv, write_json
 from molft.valuation import knn_shapley_regression, prune_by_value, surrogate_utility, ts_dshapley
 
@@ -495,40 +503,31 @@ def _none(pool: SelectionPool, budget: int | None, seed: int) -> Picked:
 
 
 def load_pool(
-    path: str | os.PathLike, smiles_column: str = "SMILES", label_column: str | None = "Label"
+    path: str | os.PathLike,
+    smiles_column: str | None = None,
+    label_column: str | None = None,
+    *,
+    require_labels: bool = True,
 ) -> pd.DataFrame:
-    """Read a pool CSV into columns smiles (canonical), label and input_smiles; bad SMILES are an error."""
-    frame = pd.read_csv(path)
-    columns = [smiles_column] + ([label_column] if label_column else [])
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"Pool file {path} lacks column(s) {missing}; it has {list(frame.columns)}.")
-    canonical = [canonical_smiles(s) for s in frame[smiles_column]]
-    bad = [i for i, s in enumerate(canonical) if s is None]
-    if bad:
-        raise ValueError(
-            f"Pool file {path}: unparsable SMILES in data rows {bad[:10]} (0-based, header excluded)."
-        )
-    pool = pd.DataFrame({"smiles": canonical, "input_smiles": frame[smiles_column].astype(str)})
-    if label_column:
-        labels = pd.to_numeric(frame[label_column], errors="coerce")
-        bad = np.flatnonzero(~np.isfinite(labels.to_numpy(dtype=np.float64))).tolist()
-        if bad:
-            raise ValueError(
-                f"Pool file {path}: non-numeric or missing {label_column!r} in data rows {bad[:10]}."
-            )
-        pool.insert(1, "label", labels.astype(np.float64))
-    n_duplicates = int(pool["smiles"].duplicated().sum())
-    if n_duplicates:
-        logger.warning(
-            "Pool file %s holds %d duplicate molecules (same canonical SMILES).", path, n_duplicates
-        )
-    return pool
+    """Read an external pool through molft.data: columns smiles, canonical_smiles, label, row.
 
-
-def pool_fingerprint(smiles: Sequence[str]) -> str:
-    """sha256 of the canonical SMILES in order: identifies the pool a selection's indices refer to."""
-    return hashlib.sha256("\n".join(smiles).encode()).hexdigest()
+    Unparsable SMILES are an error rather than a dropped row, because pool indices must stay aligned
+    with score and embedding files computed for the same file. Columns are auto-detected unless named.
+    """
+    table = read_table(path)
+    source = str(path)
+    smiles_col = find_column(table, smiles_column, SMILES_CANDIDATES, "SMILES", source)
+    label_col = label_column
+    if label_col is None:
+        try:
+            label_col = find_column(table, None, LABEL_CANDIDATES, "label", source)
+        except ValueError:
+            if require_labels:
+                raise
+            logger.info("Pool file %s has no label column; label-based strategies are unavailable.", path)
+    return prepare_molecules(
+        table, smiles_col, label_col, source=source, strict=True, require_labels=require_labels
+    )
 
 
 def check_scores_match_pool(
@@ -562,7 +561,7 @@ def check_scores_match_pool(
             )
         scores_frame = scores_frame.iloc[np.argsort(index, kind="stable")]
     score_smiles = [canonical_smiles(s) or str(s) for s in scores_frame[smiles_column]]
-    pool_smiles = [canonical_smiles(s) or str(s) for s in pool_frame["smiles"]]
+    pool_smiles = _canonical_column(pool_frame).tolist()
     mismatched = [i for i, (a, b) in enumerate(zip(score_smiles, pool_smiles, strict=True)) if a != b]
     if mismatched:
         examples = ", ".join(f"{i}: {score_smiles[i]!r} vs pool {pool_smiles[i]!r}" for i in mismatched[:3])
@@ -602,9 +601,11 @@ def selection_manifest(
 
 
 def selected_frame(pool_frame: pd.DataFrame, selection: Selection) -> pd.DataFrame:
-    """One row per chosen molecule in pick order: rank, index, smiles, label (if known), score."""
-    if "smiles" not in pool_frame.columns:
-        raise ValueError(f"Pool frame needs a 'smiles' column; it has {list(pool_frame.columns)}.")
+    """One row per chosen molecule in pick order: rank, index, smiles (canonical), label (if known), score.
+
+    The smiles/label columns are the ones run_regression.py's --extra_train_file detects by itself.
+    """
+    canonical = _canonical_column(pool_frame)
     if len(selection) and (selection.indices.min() < 0 or selection.indices.max() >= len(pool_frame)):
         raise ValueError(f"Selection indices fall outside the pool of {len(pool_frame)} molecules.")
     rows = pool_frame.iloc[selection.indices]
@@ -612,7 +613,7 @@ def selected_frame(pool_frame: pd.DataFrame, selection: Selection) -> pd.DataFra
         {
             "rank": np.arange(1, len(selection) + 1),
             "index": selection.indices,
-            "smiles": rows["smiles"].to_numpy(),
+            "smiles": canonical[selection.indices],
         }
     )
     if "label" in pool_frame.columns:
@@ -627,7 +628,7 @@ def merge_selected_into_train(
     selection: Selection,
     *,
     smiles_column: str = "smiles",
-    label_column: str = "exp",
+    label_column: str = "label",
     duplicates: str = "warn",
     source_column: str | None = "source",
 ) -> pd.DataFrame:
@@ -644,7 +645,7 @@ def merge_selected_into_train(
     if "label" not in pool_frame.columns:
         raise ValueError("The pool has no labels, so its molecules cannot be added to the training set.")
     chosen = selected_frame(pool_frame, selection)
-    train_canonical = {canonical_smiles(s) for s in train_frame[smiles_column]}
+    train_canonical = set(_canonical_column(train_frame, smiles_column))
     overlap = chosen["smiles"].isin(train_canonical).to_numpy()
     if overlap.any():
         message = (
@@ -729,7 +730,11 @@ def mc_dropout_predictions(
         for module in model.modules():
             if isinstance(module, stateful_norms):
                 module.eval()
-        devices = [device.index or 0] if device.type == "cuda" else []
+        devices = (
+            [torch.cuda.current_device() if device.index is None else device.index]
+            if device.type == "cuda"
+            else []
+        )
         with torch.random.fork_rng(devices=devices), torch.no_grad(), _fixed_feature_maps(model):
             torch.manual_seed(seed)
             for _ in range(n_passes):
@@ -804,8 +809,6 @@ def _players(pool: SelectionPool, include_train: bool) -> tuple[np.ndarray, np.n
 
 
 def _kmeans_representatives(emb: np.ndarray, k: int, seed: int, n_init: int) -> Picked:
-    from sklearn.cluster import KMeans
-
     if k == 0:
         return np.empty(0, dtype=np.int64), np.empty(0), {}
     n_distinct = len(np.unique(emb, axis=0))
@@ -831,8 +834,6 @@ def _kmeans_representatives(emb: np.ndarray, k: int, seed: int, n_init: int) -> 
 def _maxmin_pick(
     pool: SelectionPool, k: int, seed: int, from_train: bool, radius: int, n_bits: int
 ) -> Picked:
-    from rdkit.SimDivFilters import MaxMinPicker
-
     if k == 0:
         return np.empty(0, dtype=np.int64), None, {}
     pool_fps = _fingerprints(pool.smiles, "pool", radius, n_bits)
@@ -881,6 +882,15 @@ def _common_length(arrays: dict[str, Any]) -> int | None:
     if len(set(lengths.values())) > 1:
         raise ValueError(f"Inputs that describe the same molecules differ in length: {lengths}.")
     return next(iter(lengths.values()), None)
+
+
+def _canonical_column(frame: pd.DataFrame, smiles_column: str = "smiles") -> np.ndarray:
+    # molft.data frames carry canonical_smiles already; other frames are canonicalised here
+    if "canonical_smiles" in frame.columns:
+        return frame["canonical_smiles"].astype(str).to_numpy()
+    if smiles_column not in frame.columns:
+        raise ValueError(f"Frame needs a {smiles_column!r} column; it has {list(frame.columns)}.")
+    return np.array([canonical_smiles(s) or str(s) for s in frame[smiles_column]], dtype=object)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -301,18 +301,17 @@ def _surrogate_utility(
 
 
 def _balanced_subsets(n_points: int, n_subsets: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    # A stream of back-to-back random permutations, cut into blocks of `size` distinct points; a point
+    # that would repeat inside a block waits for the next one. Every point is used once per pass.
     subsets = []
-    queue = rng.permutation(n_points)  # points not yet used in the current pass
+    stream = rng.permutation(n_points)
     for _ in range(n_subsets):
-        if len(queue) >= size:
-            block, queue = queue[:size], queue[size:]
-        else:  # finish the pass and start the next one without repeating a point inside the block
-            fresh = rng.permutation(n_points)
-            fresh = fresh[~np.isin(fresh, queue)]
-            need = size - len(queue)
-            block = np.concatenate([queue, fresh[:need]])
-            queue = fresh[need:]
-        subsets.append(block)
+        while len(np.unique(stream)) < size:
+            stream = np.concatenate([stream, rng.permutation(n_points)])
+        _, first_positions = np.unique(stream, return_index=True)
+        take = np.sort(first_positions)[:size]
+        subsets.append(stream[take])
+        stream = np.delete(stream, take)
     return subsets
 
 

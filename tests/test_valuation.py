@@ -138,7 +138,9 @@ def test_ts_dshapley_is_deterministic_per_seed():
 def test_ts_dshapley_single_subset_values_sum_to_full_minus_empty_utility():
     # without truncation the marginals of each permutation telescope to U(subset) - U(empty)
     emb, y, val_emb, val_y = _line_with_planted_error()
-    result = ts_dshapley(emb, y, val_emb, val_y, n_subsets=1, subset_size=30, n_permutations=2, ridge_alpha=0.1)
+    result = ts_dshapley(
+        emb, y, val_emb, val_y, n_subsets=1, subset_size=30, n_permutations=2, ridge_alpha=0.1
+    )
     full = surrogate_utility(emb, y, val_emb, val_y, ridge_alpha=0.1)
     empty = -np.mean((y.mean() - val_y) ** 2)
     assert result.values.sum() == pytest.approx(full - empty, abs=1e-9)
