@@ -12,6 +12,15 @@ FEATURE_MAP_REDRAW_MODES = ("train", "always", "never")
 REGRESSION_HEADS = ("molformer", "linear", "mlp")
 REGRESSION_POOLINGS = ("mean", "cls")
 REGRESSION_LOSSES = ("mse", "l1", "huber")
+# what `save_pretrained` writes into auto_map for this project's own files (see register_for_auto_class)
+NATIVE_AUTO_MAP_TARGETS = frozenset(
+    {
+        "configuration_molformer.MolformerConfig",
+        "modeling_molformer.MolformerModel",
+        "modeling_molformer.MolformerForMaskedLM",
+        "modeling_molformer_reg.MolformerForRegression",
+    }
+)
 
 
 class MolformerConfig(PretrainedConfig):
@@ -63,9 +72,12 @@ class MolformerConfig(PretrainedConfig):
     ):
         kwargs.setdefault("tie_word_embeddings", False)
         # The Hub config's auto_map points at remote code that does not run on transformers 5; this native
-        # class replaces it. Saving re-creates an auto_map for this project's own files (register_for_auto_class).
-        kwargs.pop("auto_map", None)
+        # class replaces it. An auto_map naming only this project's own classes was written by save_pretrained
+        # and is kept: loading a saved folder with trust_remote_code needs it.
+        auto_map = kwargs.pop("auto_map", None)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        if auto_map and all(isinstance(t, str) and t in NATIVE_AUTO_MAP_TARGETS for t in auto_map.values()):
+            self.auto_map = auto_map
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

@@ -77,7 +77,8 @@ class MolformerFeatureMap(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ self.weight.to(x.dtype))
+        # a copy: a later in-place redraw must not change the features an earlier forward's graph saved
+        return torch.relu(x @ self.weight.to(x.dtype, copy=True))
 
 
 class MolformerEmbeddings(nn.Module):
@@ -188,14 +189,14 @@ class MolformerEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([MolformerLayer(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
+        # set with the flag by PreTrainedModel._set_gradient_checkpointing (gradient_checkpointing_enable)
+        self._gradient_checkpointing_func = None
 
     def forward(self, hidden_states, attention_mask, cos, sin, output_hidden_states: bool = False):
         all_hidden = (hidden_states,) if output_hidden_states else None
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
-                hidden_states = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, attention_mask, cos, sin, use_reentrant=False
-                )
+                hidden_states = self._gradient_checkpointing_func(layer, hidden_states, attention_mask, cos, sin)
             else:
                 hidden_states = layer(hidden_states, attention_mask, cos, sin)
             if output_hidden_states:
@@ -218,11 +219,6 @@ class MolformerPreTrainedModel(PreTrainedModel):
             module.weight.copy_(
                 orthogonal_random_features(module.head_dim, module.num_features, module.weight.device)
             )
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        for module in self.modules():
-            if isinstance(module, MolformerEncoder):
-                module.gradient_checkpointing = enable
 
     def redraw_feature_maps(self, generator: torch.Generator | None = None) -> None:
         """Draw new random features in every layer (the buffers that `save_pretrained` writes)."""
@@ -276,7 +272,7 @@ class MolformerModel(MolformerPreTrainedModel):
         batch, seq = embeddings.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, seq, device=embeddings.device, dtype=torch.long)
-        cos, sin = rotary_cos_sin(seq, self.config.head_dim, embeddings.device)
+        cos, sin = rotary_cos_sin(seq, self.config.head_dim, embeddings.device, dtype=embeddings.dtype)
         hidden, all_hidden = self.encoder(
             embeddings, attention_mask, cos, sin, output_hidden_states=output_hidden_states
         )

@@ -28,6 +28,7 @@ from molft.influence.problem import (
     LABELS_KEY,
     InfluenceProblem,
     NonFiniteGradientError,
+    additive_mask_forward,
     default_forward,
     squared_error_loss,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "LiSSAEstimator",
     "NonFiniteGradientError",
     "TracInEstimator",
+    "additive_mask_forward",
     "compute_influence",
     "default_forward",
     "is_head_parameter",

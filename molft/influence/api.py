@@ -41,7 +41,9 @@ def make_estimator(name: str, **options: Any) -> InfluenceEstimator:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"estimator {name!r} does not accept options {unknown}; accepted: {sorted(accepted)}")
+        raise ValueError(
+            f"estimator {name!r} does not accept options {unknown}; accepted: {sorted(accepted)}"
+        )
     return cls(**options)
 
 
@@ -64,7 +66,9 @@ def compute_influence(
     if isinstance(estimator, str):
         estimator = make_estimator(estimator, **options)
     elif options:
-        raise ValueError(f"options {sorted(options)} given with an estimator instance; set them on the instance")
+        raise ValueError(
+            f"options {sorted(options)} given with an estimator instance; set them on the instance"
+        )
     train_batches = reusable_batches(train_batches)
     query_batches = reusable_batches(query_batches)
     candidate_batches = reusable_batches(candidate_batches)
@@ -77,7 +81,11 @@ def compute_influence(
     scores_np = scores.detach().cpu().double().numpy()
     if not np.isfinite(scores_np).all():
         raise FloatingPointError(f"{estimator.name}: non-finite influence scores")
-    timings = {"fit_s": estimator.fit_info.get("fit_s", 0.0), **diagnostics.pop("timings", {}), "total_s": total_s}
+    timings = {
+        "fit_s": estimator.fit_info.get("fit_s", 0.0),
+        **diagnostics.pop("timings", {}),
+        "total_s": total_s,
+    }
     summary = {
         "estimator": estimator.name,
         "options": estimator.options(),

@@ -10,18 +10,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from abc import ABC
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
-from molft.influence.problem import Batch, InfluenceProblem, reusable_batches
+from molft.influence.problem import Batch, InfluenceProblem, NonFiniteGradientError, reusable_batches
 
 logger = logging.getLogger(__name__)
 
 
-class InfluenceEstimator(ABC):
+class InfluenceEstimator:
     """Base class: subclasses implement `_fit` and `solve_many`, or override `score` entirely.
 
     damping: lambda in (H + lambda I); acts like an L2 penalty of strength lambda on the scope.
@@ -85,8 +84,8 @@ class InfluenceEstimator(ABC):
         timings["candidate_grads_s"] = time.perf_counter() - start
 
         diagnostics = {
-            "query_grad_norm": _norms(query_vectors),
-            "ihvp_norm": _norms(solutions),
+            "query_grad_norm": row_norms(query_vectors),
+            "ihvp_norm": row_norms(solutions),
             "solver": solve_info,
             "timings": timings,
         }
@@ -110,7 +109,12 @@ def candidate_scores(
     theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-solutions @ g_candidate for every candidate, streamed batch by batch: [Q, N]."""
-    chunks = [-(solutions @ grads.T) for grads in problem.iter_grads(candidate_batches, theta)]
+    chunks = []
+    for batch_index, batch in enumerate(candidate_batches):
+        try:
+            chunks.append(-problem.grad_dot(batch, solutions, theta))
+        except NonFiniteGradientError as error:
+            raise NonFiniteGradientError(f"candidate batch {batch_index}: {error}") from None
     if not chunks:
         raise ValueError("no candidate batches given")
     return torch.cat(chunks, dim=1)
@@ -119,15 +123,22 @@ def candidate_scores(
 def check_solutions(vectors: torch.Tensor, solutions: torch.Tensor, name: str) -> None:
     """Refuse NaN or silently-zero inverse-HVPs instead of returning meaningless scores."""
     if not torch.isfinite(solutions).all():
-        raise FloatingPointError(f"{name}: the inverse-HVP contains NaN/inf; increase damping or check the data")
+        raise FloatingPointError(
+            f"{name}: the inverse-HVP contains NaN/inf; increase damping or check the data"
+        )
     vector_norms, solution_norms = vectors.norm(dim=1), solutions.norm(dim=1)
     collapsed = (vector_norms > 0) & (solution_norms == 0)
     if collapsed.any():
         rows = collapsed.nonzero().flatten().tolist()
-        raise FloatingPointError(f"{name}: the inverse-HVP is exactly zero for non-zero query vectors {rows[:10]}")
+        raise FloatingPointError(
+            f"{name}: the inverse-HVP is exactly zero for non-zero query vectors {rows[:10]}"
+        )
     if (vector_norms == 0).any():
-        logger.warning("%d query gradient(s) are exactly zero: their scores are all 0", int((vector_norms == 0).sum()))
+        logger.warning(
+            "%d query gradient(s) are exactly zero: their scores are all 0", int((vector_norms == 0).sum())
+        )
 
 
-def _norms(matrix: torch.Tensor) -> list[float]:
+def row_norms(matrix: torch.Tensor) -> list[float]:
+    """Euclidean norm of each row, as plain floats for JSON diagnostics."""
     return [float(value) for value in matrix.norm(dim=1)]

@@ -36,10 +36,14 @@ class DataInfEstimator(InfluenceEstimator):
 
     name = "datainf"
 
-    def __init__(self, damping: float = 1e-3, layer_damping: str = "fixed", cache_limit: int = 20_000_000) -> None:
+    def __init__(
+        self, damping: float = 1e-3, layer_damping: str = "fixed", cache_limit: int = 20_000_000
+    ) -> None:
         super().__init__(damping)
         if layer_damping not in LAYER_DAMPING_MODES:
-            raise ValueError(f"unknown layer_damping {layer_damping!r}; expected one of {LAYER_DAMPING_MODES}")
+            raise ValueError(
+                f"unknown layer_damping {layer_damping!r}; expected one of {LAYER_DAMPING_MODES}"
+            )
         self.layer_damping = layer_damping
         self.cache_limit = cache_limit
         self._cached: torch.Tensor | None = None
@@ -71,7 +75,11 @@ class DataInfEstimator(InfluenceEstimator):
                 self._block_damping[name] = self.damping
         if min(self._block_damping.values()) <= 0:
             raise ValueError("DataInf needs damping > 0 (it divides by the per-block damping)")
-        return {"num_train": count, "cached": self._cached is not None, "block_damping": dict(self._block_damping)}
+        return {
+            "num_train": count,
+            "cached": self._cached is not None,
+            "block_damping": dict(self._block_damping),
+        }
 
     def solve_many(self, vectors: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         problem = self.require_fit()
@@ -87,7 +95,9 @@ class DataInfEstimator(InfluenceEstimator):
         solutions = torch.empty_like(vectors)
         for name, columns in blocks:
             damping = self._block_damping[name]
-            solutions[:, columns] = (vectors[:, columns] - corrections[:, columns] / self._num_train) / damping
+            solutions[:, columns] = (
+                vectors[:, columns] - corrections[:, columns] / self._num_train
+            ) / damping
         return solutions, {"block_damping": dict(self._block_damping)}
 
     def options(self) -> dict[str, Any]:

@@ -16,21 +16,24 @@ and scores under `output_dir` (a temporary directory when None, removed with the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-from kronfluence import Analyzer, FactorArguments, ScoreArguments, Task, prepare_model
-from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 from torch.utils import data
 
 from molft.influence.base import InfluenceEstimator
 from molft.influence.problem import LABELS_KEY, Batch, InfluenceProblem, squared_error_loss
+
+if TYPE_CHECKING:
+    from kronfluence import Analyzer
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 ANALYSIS_NAME = "molft_influence"
 FACTORS_NAME = "factors"
 SCORES_NAME = "pairwise"
+_HOLDER_PREFIX = "model"
 
 
 def gaussian_targets(predictions: torch.Tensor) -> torch.Tensor:
@@ -78,17 +82,27 @@ class EKFACEstimator(InfluenceEstimator):
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._analyzer: Analyzer | None = None
         self._tracked: list[str] = []
-        self._dataloader_kwargs = DataLoaderKwargs(collate_fn=_single_item)
+        self._dataloader_kwargs: Any = None
 
     def _fit(self) -> dict[str, Any]:
+        # kronfluence (and accelerate) are imported only when EK-FAC is actually used: they are slow to load.
+        from kronfluence import Analyzer, FactorArguments, Task, prepare_model
+        from kronfluence.utils.dataset import DataLoaderKwargs
+
         problem = self.require_fit()
+        self._dataloader_kwargs = DataLoaderKwargs(collate_fn=_single_item)
         self._tracked = tracked_linear_modules(problem)
         sampler, empirical = self._fisher_choice(problem)
         if self.output_dir is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="molft_ekfac_")
         output_dir = self.output_dir or self._tmpdir.name
-        task = _ProblemTask(problem, self._tracked, sampler)
-        model = prepare_model(copy.deepcopy(problem.model), task)
+        # The holder gives every module a non-empty name: kronfluence cannot wrap the root module itself.
+        holder = _Holder(copy.deepcopy(problem.model))
+        task_class = type("ProblemTask", (_ProblemTaskMethods, Task), {})
+        task = task_class(
+            problem, [f"{_HOLDER_PREFIX}.{name}".rstrip(".") for name in self._tracked], sampler
+        )
+        model = prepare_model(holder, task)
         self._analyzer = Analyzer(
             analysis_name=ANALYSIS_NAME,
             model=model,
@@ -108,7 +122,8 @@ class EKFACEstimator(InfluenceEstimator):
             per_sample_gradient_dtype=dtype,
             lambda_dtype=dtype,
         )
-        with torch.random.fork_rng(devices=[problem.device] if problem.device.type == "cuda" else []):
+        rng_devices = [problem.device] if problem.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices), _quiet_kronfluence():
             torch.manual_seed(self.seed)
             self._analyzer.fit_all_factors(
                 factors_name=FACTORS_NAME,
@@ -118,7 +133,11 @@ class EKFACEstimator(InfluenceEstimator):
                 factor_args=factor_args,
                 overwrite_output_dir=True,
             )
-        return {"tracked_modules": list(self._tracked), "empirical_fisher": empirical, "output_dir": output_dir}
+        return {
+            "tracked_modules": list(self._tracked),
+            "empirical_fisher": empirical,
+            "output_dir": output_dir,
+        }
 
     def _fisher_choice(self, problem: InfluenceProblem) -> tuple[SampleTargetsFn | None, bool]:
         sampler = self.sample_targets
@@ -138,6 +157,8 @@ class EKFACEstimator(InfluenceEstimator):
         candidate_batches: Iterable[Batch],
         per_query: bool = False,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        from kronfluence import ScoreArguments
+
         problem = self.require_fit()
         if self._analyzer is None:
             raise RuntimeError("ekfac estimator must be fit() before use")
@@ -149,22 +170,26 @@ class EKFACEstimator(InfluenceEstimator):
             precondition_dtype=dtype,
             score_dtype=dtype,
         )
-        self._analyzer.compute_pairwise_scores(
-            scores_name=SCORES_NAME,
-            factors_name=FACTORS_NAME,
-            query_dataset=_BatchDataset(query_batches),
-            train_dataset=_BatchDataset(candidate_batches),
-            per_device_query_batch_size=1,
-            per_device_train_batch_size=1,
-            dataloader_kwargs=self._dataloader_kwargs,
-            score_args=score_args,
-            overwrite_output_dir=True,
-        )
+        with _quiet_kronfluence():
+            self._analyzer.compute_pairwise_scores(
+                scores_name=SCORES_NAME,
+                factors_name=FACTORS_NAME,
+                query_dataset=_BatchDataset(query_batches),
+                train_dataset=_BatchDataset(candidate_batches),
+                per_device_query_batch_size=1,
+                per_device_train_batch_size=1,
+                dataloader_kwargs=self._dataloader_kwargs,
+                score_args=score_args,
+                overwrite_output_dir=True,
+            )
         kronfluence_scores = self._analyzer.load_pairwise_scores(scores_name=SCORES_NAME)["all_modules"]
         scores = -kronfluence_scores.to(device=problem.device, dtype=problem.dtype)
         if not torch.isfinite(scores).all():
             raise FloatingPointError("ekfac: kronfluence returned NaN/inf scores; increase damping")
-        diagnostics = {"timings": {"pairwise_scores_s": time.perf_counter() - start}, "solver": dict(self.fit_info)}
+        diagnostics = {
+            "timings": {"pairwise_scores_s": time.perf_counter() - start},
+            "solver": dict(self.fit_info),
+        }
         return (scores if per_query else scores.mean(dim=0)), diagnostics
 
     def options(self) -> dict[str, Any]:
@@ -190,21 +215,30 @@ def tracked_linear_modules(problem: InfluenceProblem) -> list[str]:
     if not tracked:
         raise ValueError("ekfac needs at least one nn.Linear/Conv2d weight in the scope; the scope has none")
     if ignored:
-        logger.warning("ekfac ignores %d scoped parameters outside Linear/Conv2d modules, e.g. %s", len(ignored), ignored[:3])
+        logger.warning(
+            "ekfac ignores %d scoped parameters outside Linear/Conv2d modules, e.g. %s",
+            len(ignored),
+            ignored[:3],
+        )
     return tracked
 
 
-class _ProblemTask(Task):
-    """kronfluence Task from our forward/loss: summed per-sample losses, optional sampled labels."""
+class _ProblemTaskMethods:
+    """kronfluence Task methods from our forward/loss: summed per-sample losses, optional sampled labels.
 
-    def __init__(self, problem: InfluenceProblem, tracked: list[str], sampler: SampleTargetsFn | None) -> None:
+    Mixed into kronfluence.Task at fit time (so kronfluence is not imported with this module).
+    """
+
+    def __init__(
+        self, problem: InfluenceProblem, tracked: list[str], sampler: SampleTargetsFn | None
+    ) -> None:
         self.forward_fn = problem.forward_fn
         self.loss_fn = problem.loss_fn
         self.tracked = tracked
         self.sampler = sampler
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        predictions = self.forward_fn(model, batch)
+        predictions = self.forward_fn(model.model, batch)
         if sample:
             if self.sampler is None:
                 raise RuntimeError("kronfluence asked for sampled labels but no sampler is configured")
@@ -214,13 +248,19 @@ class _ProblemTask(Task):
         return self.loss_fn(predictions, batch).sum()
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
-        return self.loss_fn(self.forward_fn(model, batch), batch).sum()
+        return self.loss_fn(self.forward_fn(model.model, batch), batch).sum()
 
     def get_influence_tracked_modules(self) -> list[str]:
         return list(self.tracked)
 
     def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
         return batch.get("attention_mask")
+
+
+class _Holder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
 
 
 class _BatchDataset(data.Dataset):
@@ -234,6 +274,14 @@ class _BatchDataset(data.Dataset):
 
     def __getitem__(self, index: int) -> Batch:
         return self.batches[index]
+
+
+@contextlib.contextmanager
+def _quiet_kronfluence() -> Iterator[None]:
+    """kronfluence 1.0.1 uses the deprecated torch.cuda.amp.GradScaler: hide that FutureWarning only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler", category=FutureWarning)
+        yield
 
 
 def _single_item(items: list[Batch]) -> Batch:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ ForwardFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 LABELS_KEY = "labels"
 GRAD_METHODS = ("auto", "vmap", "loop")
-HVP_MODES = ("forward_over_reverse", "reverse_over_reverse")
+HVP_MODES = ("auto", "forward_over_reverse", "reverse_over_reverse")
 
 
 class NonFiniteGradientError(ValueError):
@@ -40,6 +41,23 @@ class NonFiniteGradientError(ValueError):
 def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
     """`model(**inputs).logits` with the labels left out, so the loss stays under our control."""
     inputs = {key: value for key, value in batch.items() if key != LABELS_KEY}
+    outputs = model(**inputs)
+    return outputs.logits if hasattr(outputs, "logits") else outputs
+
+
+def additive_mask_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Like `default_forward`, but hands the model a ready 4-D additive attention mask.
+
+    Hugging Face models (transformers >= 5) inspect the 2-D padding mask with Python control flow
+    (`if mask.all(): ...`), which `vmap` cannot trace; a prepared [B, 1, 1, T] mask is used as-is, so
+    per-sample gradients stay vectorised. Padded positions get the dtype's most negative value.
+    """
+    inputs = {key: value for key, value in batch.items() if key != LABELS_KEY}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        keep = mask[:, None, None, :].to(dtype)
+        inputs["attention_mask"] = (1.0 - keep) * torch.finfo(dtype).min
     outputs = model(**inputs)
     return outputs.logits if hasattr(outputs, "logits") else outputs
 
@@ -61,7 +79,9 @@ def squared_error_loss(predictions: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def batch_size(batch: Batch) -> int:
     """Number of samples in a dict batch; every tensor must share the leading (batch) dimension."""
-    sizes = {key: value.shape[0] for key, value in batch.items() if isinstance(value, torch.Tensor) and value.dim()}
+    sizes = {
+        key: value.shape[0] for key, value in batch.items() if isinstance(value, torch.Tensor) and value.dim()
+    }
     if not sizes:
         raise ValueError(f"batch has no tensors with a batch dimension (keys: {sorted(batch)})")
     if len(set(sizes.values())) != 1:
@@ -96,14 +116,25 @@ class _ForwardModule(nn.Module):
 class InfluenceProblem:
     """A model, a parameter scope and a per-sample loss: the object every estimator works on.
 
+    All derivatives are taken with torch.func transforms under `torch.no_grad()`, so frozen parameters
+    that still have requires_grad=True never build an autograd graph, and with PyTorch's math attention
+    kernel (fused kernels lack vmap rules, forward-mode AD and double backward).
+
+    Mean-query scoring needs no per-sample gradients: the query gradient is one backward per batch, HVPs
+    and candidate products (`grad_dot`) are forward-mode derivatives vectorised over directions, never over
+    samples. Per-sample gradients (vmap over the data) serve per-query scores, DataInf and the reference
+    loop; Hugging Face models need `forward_fn=additive_mask_forward` for that vmap to work.
+
     The model is put in eval mode (dropout would make gradients random and breaks `vmap`). The scope
-    parameters are read once, at construction, into `theta`.
+    parameters are read once, at construction, into `theta`. To match a model whose own loss is
+    `nn.MSELoss` (no 1/2), pass `loss_fn=lambda p, b: 2 * squared_error_loss(p, b)`.
 
     grad_method: "vmap" (one vectorised backward per batch), "loop" (one backward per sample; the
         reference implementation) or "auto" (vmap, falling back to loop with a logged warning when the
         model cannot be vmapped, e.g. because of data-dependent control flow).
-    hvp_mode: "forward_over_reverse" (jvp of grad; cheapest) or "reverse_over_reverse" (double backward;
-        for models with operations lacking forward-mode AD).
+    hvp_mode: "forward_over_reverse" (jvp of grad; cheapest), "reverse_over_reverse" (double backward;
+        for models with operations lacking forward-mode AD, e.g. fused attention kernels) or "auto"
+        (forward-over-reverse, switching to double backward with a logged warning when it fails).
     vmap_chunk_size: samples per vectorised chunk (caps memory on large models); None = whole batch.
     """
 
@@ -114,7 +145,7 @@ class InfluenceProblem:
         loss_fn: LossFn = squared_error_loss,
         forward_fn: ForwardFn = default_forward,
         grad_method: str = "auto",
-        hvp_mode: str = "forward_over_reverse",
+        hvp_mode: str = "auto",
         vmap_chunk_size: int | None = None,
     ) -> None:
         if not params:
@@ -144,6 +175,7 @@ class InfluenceProblem:
         self.numels: tuple[int, ...] = tuple(p.numel() for p in params.values())
         self.theta: torch.Tensor = torch.cat([p.detach().reshape(-1) for p in params.values()]).clone()
         self._module = _ForwardModule(model, forward_fn)
+        self._forward_ad_ok = True
         logger.info("influence scope: %d tensors, %d parameters", len(self.names), self.num_params)
 
     # ----------------------------------------------------------------------------------------- layout
@@ -164,7 +196,10 @@ class InfluenceProblem:
         if flat.shape != (self.num_params,):
             raise ValueError(f"expected a vector of {self.num_params} entries, got shape {tuple(flat.shape)}")
         pieces = torch.split(flat, self.numels)
-        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)}
+        return {
+            name: piece.view(shape)
+            for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
+        }
 
     def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate named tensors (e.g. a checkpoint's state dict) into the scope's [P] layout."""
@@ -189,7 +224,8 @@ class InfluenceProblem:
 
     def to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {
-            key: value.to(self.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+            key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
         }
 
     # ----------------------------------------------------------------------------------- functionals
@@ -246,13 +282,16 @@ class InfluenceProblem:
         _raise_if_non_finite(grads, "per-sample gradient")
         return grads
 
+    @torch.no_grad()
     def _vmapped_grads(self, batch: Batch, theta: torch.Tensor) -> torch.Tensor:
         batch = dict(batch)
         batch_size(batch)  # validates a shared batch dimension before vmap gives a cryptic error
         per_sample_grad = vmap(
             grad(self._single_sample_loss), in_dims=(None, 0), chunk_size=self.vmap_chunk_size
         )
-        return per_sample_grad(theta, batch)
+        # Fused attention kernels have no vmap batching rule (vmap would loop over samples internally).
+        with sdpa_kernel(SDPBackend.MATH):
+            return per_sample_grad(theta, batch)
 
     def _looped_grads(self, batch: Batch, theta: torch.Tensor) -> torch.Tensor:
         rows = []
@@ -265,7 +304,9 @@ class InfluenceProblem:
             rows.append(torch.zeros_like(theta) if row is None else row)
         return torch.stack(rows)
 
-    def iter_grads(self, batches: Iterable[Batch], theta: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    def iter_grads(
+        self, batches: Iterable[Batch], theta: torch.Tensor | None = None
+    ) -> Iterator[torch.Tensor]:
         """Per-sample gradients batch by batch; errors name the offending batch."""
         for batch_index, batch in enumerate(batches):
             try:
@@ -281,14 +322,70 @@ class InfluenceProblem:
         return torch.cat(grads)
 
     def mean_grad(self, batches: Iterable[Batch], theta: torch.Tensor | None = None) -> torch.Tensor:
-        """Gradient of the mean loss over all samples of `batches`, shape [P]."""
-        total, count = torch.zeros_like(self.theta), 0
-        for grads in self.iter_grads(batches, theta):
-            total += grads.sum(dim=0)
-            count += grads.shape[0]
+        """Gradient of the mean loss over all samples of `batches`, shape [P].
+
+        One ordinary backward pass per batch (no per-sample gradients, so no vmap over the data).
+        """
+        theta = self._theta(theta)
+        total, count = torch.zeros_like(theta), 0
+        for batch_index, batch in enumerate(batches):
+            batch_grad, losses = self._batch_grad(theta, self.to_device(batch))
+            _raise_if_non_finite(losses[:, None], f"loss in batch {batch_index}")
+            _raise_if_non_finite(batch_grad[None], f"gradient of batch {batch_index}")
+            total += batch_grad
+            count += losses.shape[0]
         if count == 0:
             raise ValueError("no samples in batches")
         return total / count
+
+    @torch.no_grad()
+    def _batch_grad(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        def summed_with_losses(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            losses = self._losses(params, batch)
+            return losses.sum(), losses
+
+        return grad(summed_with_losses, has_aux=True)(theta)
+
+    def grad_dot(
+        self, batch: Batch, directions: torch.Tensor, theta: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """g_i . d for every sample i of `batch` and row d of `directions` [Q, P]: shape [Q, B].
+
+        Computed as forward-mode directional derivatives of the per-sample losses (one jvp per direction,
+        vectorised), so per-sample gradients are never materialised and the data is never vmapped; falls
+        back to per-sample gradients when the model lacks forward-mode AD.
+        """
+        batch = self.to_device(batch)
+        theta = self._theta(theta)
+        directions = directions.to(device=self.device, dtype=self.dtype)
+        products = None
+        if self._forward_ad_ok:
+            try:
+                products = self._jvp_losses(theta, batch, directions)
+            except (RuntimeError, NotImplementedError) as error:
+                logger.warning("forward-mode AD failed (%s); scoring with per-sample gradients", error)
+                self._forward_ad_ok = False
+        if products is None:
+            products = directions @ self.per_sample_grads(batch, theta).T
+        bad = ~torch.isfinite(products).all(dim=0)
+        if bad.any():
+            rows = bad.nonzero().flatten().tolist()
+            raise NonFiniteGradientError(
+                f"non-finite gradient products for {len(rows)} sample(s) at rows {rows[:10]} of the batch: "
+                "check those inputs/labels for NaN or inf, or the model for overflow"
+            )
+        return products
+
+    @torch.no_grad()
+    def _jvp_losses(self, theta: torch.Tensor, batch: Batch, directions: torch.Tensor) -> torch.Tensor:
+        def losses(params: torch.Tensor) -> torch.Tensor:
+            return self._losses(params, batch)
+
+        def directional(tangent: torch.Tensor) -> torch.Tensor:
+            return jvp(losses, (theta,), (tangent,))[1]
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return vmap(directional, chunk_size=self.vmap_chunk_size)(directions)
 
     # ------------------------------------------------------------------------------ second order
     def hvp(
@@ -308,20 +405,34 @@ class InfluenceProblem:
             total += self._batch_hvp(theta, batch, tangents)
             count += batch_size(batch)
             if not torch.isfinite(total).all():
-                raise NonFiniteGradientError(f"Hessian-vector product became non-finite at batch {batch_index}")
+                raise NonFiniteGradientError(
+                    f"Hessian-vector product became non-finite at batch {batch_index}"
+                )
         if count == 0:
             raise ValueError("no samples in batches")
         result = total / count + damping * tangents
         return result[0] if single else result
 
+    @torch.no_grad()
     def _batch_hvp(self, theta: torch.Tensor, batch: Batch, tangents: torch.Tensor) -> torch.Tensor:
         """Hessian of the batch's SUMMED loss times each row of `tangents`."""
+        # Fused attention kernels have neither forward-mode AD nor double backward: use the math kernel.
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._batch_hvp_unfused(theta, batch, tangents)
+
+    def _batch_hvp_unfused(self, theta: torch.Tensor, batch: Batch, tangents: torch.Tensor) -> torch.Tensor:
 
         def loss_grad(params: torch.Tensor) -> torch.Tensor:
             return grad(self._summed_loss)(params, batch)
 
-        if self.hvp_mode == "forward_over_reverse":
-            return vmap(lambda tangent: jvp(loss_grad, (theta,), (tangent,))[1])(tangents)
+        if self.hvp_mode != "reverse_over_reverse":
+            try:
+                return vmap(lambda tangent: jvp(loss_grad, (theta,), (tangent,))[1])(tangents)
+            except (RuntimeError, NotImplementedError) as error:
+                if self.hvp_mode == "forward_over_reverse":
+                    raise
+                logger.warning("forward-mode AD failed (%s); using double backward for HVPs", error)
+                self.hvp_mode = "reverse_over_reverse"
         _, vjp_fn = vjp(loss_grad, theta)
         return vmap(lambda tangent: vjp_fn(tangent)[0])(tangents)
 

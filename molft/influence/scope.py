@@ -49,7 +49,9 @@ def select_parameters(
     selected = {name: param for name, param in named if predicate(name)}
     if not selected:
         examples = ", ".join(name for name, _ in named[:8])
-        raise ValueError(f"scope {scope!r} selects no parameters of {type(model).__name__} (names: {examples}, ...)")
+        raise ValueError(
+            f"scope {scope!r} selects no parameters of {type(model).__name__} (names: {examples}, ...)"
+        )
     return selected
 
 

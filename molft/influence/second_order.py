@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from molft.influence.base import InfluenceEstimator
+from molft.influence.base import InfluenceEstimator, row_norms
 from molft.influence.problem import Batch, batch_size, slice_batch
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ class ExactEstimator(InfluenceEstimator):
                 f"> max_params={self.max_params}; use 'cg', 'lissa' or 'datainf', or a smaller scope"
             )
         hessian = problem.hessian(self.train_batches)
-        damped = hessian + self.damping * torch.eye(problem.num_params, device=problem.device, dtype=problem.dtype)
+        damped = hessian + self.damping * torch.eye(
+            problem.num_params, device=problem.device, dtype=problem.dtype
+        )
         if not torch.isfinite(damped).all():
             raise FloatingPointError("the Hessian contains NaN/inf")
         factor, status = torch.linalg.cholesky_ex(damped)
@@ -197,7 +199,7 @@ class LiSSAEstimator(InfluenceEstimator):
         for repeat in range(self.repeats):
             generator = torch.Generator().manual_seed(self.seed + repeat)
             estimate = vectors.clone()
-            trace = [{"step": 0, "ihvp_norm": _norms(estimate / scale)}]
+            trace = [{"step": 0, "ihvp_norm": row_norms(estimate / scale)}]
             update = torch.full_like(vector_norms, math.inf)
             for step in range(1, self.depth + 1):
                 batches = self._step_batches(generator)
@@ -207,8 +209,10 @@ class LiSSAEstimator(InfluenceEstimator):
                 estimate = new_estimate
                 self._check_divergence(estimate, vector_norms, step, scale)
                 if step % self.log_every == 0 or step == self.depth:
-                    trace.append({"step": step, "ihvp_norm": _norms(estimate / scale)})
-                    logger.debug("LiSSA repeat %d step %d: ihvp norm %s", repeat, step, trace[-1]["ihvp_norm"])
+                    trace.append({"step": step, "ihvp_norm": row_norms(estimate / scale)})
+                    logger.debug(
+                        "LiSSA repeat %d step %d: ihvp norm %s", repeat, step, trace[-1]["ihvp_norm"]
+                    )
             total += estimate / scale
             traces.append(trace)
             updates.append([float(value) for value in update])
@@ -240,7 +244,9 @@ class LiSSAEstimator(InfluenceEstimator):
         rows = torch.randperm(size, generator=generator)[: self.batch_size]
         return [slice_batch(batch, rows)]
 
-    def _check_divergence(self, estimate: torch.Tensor, vector_norms: torch.Tensor, step: int, scale: float) -> None:
+    def _check_divergence(
+        self, estimate: torch.Tensor, vector_norms: torch.Tensor, step: int, scale: float
+    ) -> None:
         norms = estimate.norm(dim=1)
         reach = step + 1 if self.damping == 0 else min(step + 1, scale / self.damping)
         limit = self.divergence_factor * reach * vector_norms
@@ -284,7 +290,3 @@ def top_eigenvalue(
 
 def _relative(squared: torch.Tensor, vectors: torch.Tensor) -> list[float]:
     return [float(value) for value in squared.sqrt() / vectors.norm(dim=1).clamp_min(1e-300)]
-
-
-def _norms(matrix: torch.Tensor) -> list[float]:
-    return [float(value) for value in matrix.norm(dim=1)]

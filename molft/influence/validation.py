@@ -30,7 +30,9 @@ def _as_matrix(values: ArrayLike, name: str, fit_intercept: bool) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"{name} must be a 2-D feature matrix, got shape {array.shape}")
     if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN/inf at rows {np.flatnonzero(~np.isfinite(array).all(1))[:10].tolist()}")
+        raise ValueError(
+            f"{name} contains NaN/inf at rows {np.flatnonzero(~np.isfinite(array).all(1))[:10].tolist()}"
+        )
     if fit_intercept:
         array = np.hstack([array, np.ones((array.shape[0], 1))])
     return array
@@ -41,11 +43,15 @@ def _as_vector(values: ArrayLike, name: str, rows: int) -> np.ndarray:
     if array.shape[0] != rows:
         raise ValueError(f"{name} has {array.shape[0]} entries but its features have {rows} rows")
     if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN/inf at rows {np.flatnonzero(~np.isfinite(array))[:10].tolist()}")
+        raise ValueError(
+            f"{name} contains NaN/inf at rows {np.flatnonzero(~np.isfinite(array))[:10].tolist()}"
+        )
     return array
 
 
-def ridge_weights(features: ArrayLike, labels: ArrayLike, l2: float, fit_intercept: bool = True) -> np.ndarray:
+def ridge_weights(
+    features: ArrayLike, labels: ArrayLike, l2: float, fit_intercept: bool = True
+) -> np.ndarray:
     """argmin_w mean 0.5 (x.w - y)^2 + l2/2 ||w||^2; with an intercept, its weight is the last entry."""
     x = _as_matrix(features, "features", fit_intercept)
     y = _as_vector(labels, "labels", x.shape[0])
@@ -78,7 +84,9 @@ def leave_one_in_retrain_effect(
     xc = _as_matrix(candidate_features, "candidate_features", fit_intercept)
     yc = _as_vector(candidate_labels, "candidate_labels", xc.shape[0])
     if not x.shape[1] == xq.shape[1] == xc.shape[1]:
-        raise ValueError(f"feature widths differ: train {x.shape[1]}, query {xq.shape[1]}, candidates {xc.shape[1]}")
+        raise ValueError(
+            f"feature widths differ: train {x.shape[1]}, query {xq.shape[1]}, candidates {xc.shape[1]}"
+        )
 
     # Base system (x^T x + n l2 I) w = x^T y; a candidate adds the rank-one term x_c x_c^T.
     factor = scipy.linalg.cho_factor(x.T @ x + x.shape[0] * l2 * np.eye(x.shape[1]))
