@@ -14,6 +14,7 @@
 #   CONFIG      base run_regression config    [configs/regression_small.yaml]
 #   LAUNCHER    how to start a run            [python]  e.g. LAUNCHER="accelerate launch --num_processes 2"
 #   SCRIPT      the training script           [run_regression.py]
+#   METHOD_ARGS_<method>  extra flags for one method, e.g. METHOD_ARGS_lora="--learning_rate 2e-3"
 #
 # Resumable: a run whose directory holds run_complete.json is skipped; a directory without it (a crashed
 # or interrupted run) is removed and the run is redone. Failed runs are listed at the end and make the
@@ -57,13 +58,15 @@ for method in $METHODS; do
         echo "[$n/$n_total] removing incomplete run $run_dir"
         rm -rf "$run_dir"
       fi
+      method_args_var="METHOD_ARGS_$method"
+      read -r -a method_args <<< "${!method_args_var:-}"
       extra=()
       [ "$strategy" != none ] && extra=(--extra_train_file "$selections_dir/$strategy/selected.csv")
       echo "[$n/$n_total] $method / $strategy / seed $seed -> $run_dir"
       mkdir -p "$run_dir"
       # shellcheck disable=SC2086  # LAUNCHER is deliberately word-split
       if ! $LAUNCHER "$SCRIPT" "$CONFIG" --peft "$peft" --seed "$seed" --split_file "$split_json" \
-          --selection_name "$strategy" --output_dir "$run_dir" "${extra[@]}" "$@" > "$run_dir/log.txt" 2>&1; then
+          --selection_name "$strategy" --output_dir "$run_dir" "${extra[@]}" "${method_args[@]}" "$@" > "$run_dir/log.txt" 2>&1; then
         echo "[$n/$n_total] FAILED (see $run_dir/log.txt)" >&2
         failed+=("$run_dir")
       fi

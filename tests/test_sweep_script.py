@@ -45,6 +45,7 @@ def sweep_env(tmp_path):
         "SCRIPT": str(stub),
         "CONFIG": "cfg.yaml",
         "CALLS_LOG": str(tmp_path / "calls.jsonl"),
+        "METHOD_ARGS_lora": "--learning_rate 2e-3",
     }
     return tmp_path, split, selections, env
 
@@ -74,6 +75,8 @@ def test_grid_runs_every_cell_with_its_flags(sweep_env):
     assert full_random_1[full_random_1.index("--split_file") + 1] == str(split)
     lora_none = next(a for a in made if a[a.index("--output_dir") + 1].endswith("lora/none/seed2"))
     assert "--extra_train_file" not in lora_none
+    assert lora_none[-2:] == ["--learning_rate", "2e-3"]  # METHOD_ARGS_lora reaches lora runs only
+    assert "--learning_rate" not in full_random_1
 
 
 def test_resume_runs_only_what_is_missing(sweep_env):
