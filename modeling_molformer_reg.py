@@ -90,6 +90,10 @@ class MolformerForRegression(MolformerPreTrainedModel):
     zero weight is the same as leaving the molecule out of the batch and equal weights change nothing.
     """
 
+    # forward takes **kwargs but its loss is a per-batch mean, not normalised by `num_items_in_batch`: the
+    # Trainer must scale it for gradient accumulation and multi-process training itself
+    accepts_loss_kwargs = False
+
     def __init__(self, config: MolformerConfig):
         super().__init__(config)
         config.num_labels = 1

@@ -23,7 +23,8 @@ HEAD_PREFIX = "classifier"
 # `classifier.dense` can never be hit by accident).
 _LAYER = r".*encoder\.layer\.\d+\."
 DEFAULT_LORA_TARGETS = (
-    _LAYER + r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+    _LAYER
+    + r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
 )
 # IA3 (Liu et al. 2022) rescales keys, values and the FFN's inner activation; the last is the input of the
 # second FFN linear (`output.dense`), which peft scales when it is listed as a feed-forward module.
@@ -92,13 +93,22 @@ def apply_peft(model: nn.Module, options: PeftOptions) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, float]:
-    """Trainable and total parameter counts, and the trainable share."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    # a peft wrapper keeps a frozen copy of the head next to the trained one; count the model a user gets
-    if hasattr(model, "get_nb_trainable_parameters"):
-        trainable, total = model.get_nb_trainable_parameters()
-    return {"trainable_params": int(trainable), "total_params": int(total), "trainable_share": trainable / total}
+    """Trainable and total parameter counts, and the trainable share, of the model a user gets.
+
+    peft keeps a frozen copy of the head (`original_module`) next to the trained one (`modules_to_save`);
+    that copy is neither trained nor used, so it is not counted.
+    """
+    trainable = total = 0
+    for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return {
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "trainable_share": trainable / total,
+    }
 
 
 def is_adapter_checkpoint(path: str | Path) -> bool:
@@ -123,7 +133,9 @@ def load_regression_checkpoint(path: str | Path, base_model: str | None = None, 
             raise ValueError(f"{path} is neither a model checkpoint (config.json) nor a peft adapter.")
         config = json.loads((path / "config.json").read_text())
         if config.get("model_type") != "molformer":
-            raise ValueError(f"{path} holds a {config.get('model_type')!r} model, not a MoLFormer regression model.")
+            raise ValueError(
+                f"{path} holds a {config.get('model_type')!r} model, not a MoLFormer regression model."
+            )
         return MolformerForRegression.from_pretrained(path, **model_kwargs)
 
     from peft import PeftModel
@@ -131,15 +143,39 @@ def load_regression_checkpoint(path: str | Path, base_model: str | None = None, 
     from configuration_molformer import MolformerConfig
 
     adapter = json.loads((path / "adapter_config.json").read_text())
-    base = base_model or adapter.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"Adapter {path} does not name its base model; pass --base_model explicitly.")
+    base = base_model or _find_base_model(path, adapter.get("base_model_name_or_path"))
     if Path(base).exists() and not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"Base model {base} of adapter {path} has no config.json.")
-    if not Path(base).exists() and "/" not in str(base):
-        raise FileNotFoundError(f"Base model {base!r} of adapter {path} was not found; pass --base_model.")
     # run_regression saves the run's config (head, pooling, target statistics) next to the adapter
     if (path / "config.json").is_file():
         model_kwargs.setdefault("config", MolformerConfig.from_pretrained(path))
     model = MolformerForRegression.from_pretrained(base, **model_kwargs)
     return PeftModel.from_pretrained(model, path)
+
+
+def _find_base_model(adapter_dir: Path, recorded: str | None) -> str:
+    """The adapter's base: the recorded path or Hub id, else a `base_model` folder of the run it belongs to.
+
+    run_regression.py keeps the base of a model trained from scratch in `<output_dir>/base_model`, so a run
+    directory that was moved (or a checkpoint-N inside it) still finds it.
+    """
+    if recorded and (Path(recorded).exists() or not _looks_like_local_path(recorded)):
+        return recorded
+    for candidate in (adapter_dir / "base_model", adapter_dir.parent / "base_model"):
+        if (candidate / "config.json").is_file():
+            if recorded:
+                logger.info(
+                    "Base model %s of adapter %s not found; using %s.", recorded, adapter_dir, candidate
+                )
+            return str(candidate)
+    if not recorded:
+        raise ValueError(f"Adapter {adapter_dir} does not name its base model; pass base_model explicitly.")
+    raise FileNotFoundError(
+        f"Base model {recorded!r} of adapter {adapter_dir} was not found (nor a base_model folder next to "
+        "it); pass base_model explicitly."
+    )
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # a Hub id is "name" or "owner/name"; anything absolute, relative or deeper is a path
+    return name.startswith((".", "/", "~")) or name.count("/") > 1

@@ -176,7 +176,8 @@ def _read_run(run_dir: Path) -> dict[str, Any] | None:
             raise ValueError(f"{marker_path}: {key!r} must be an integer, got {value!r}.")
 
     row: dict[str, Any] = {
-        "method": str(marker["peft"]),
+        # --peft none is full fine-tuning; "none" is kept for the strategy that adds no external data
+        "method": "full" if marker["peft"] == "none" else str(marker["peft"]),
         "strategy": str(marker["selection"]),
         "seed": marker["seed"],
         "split_seed": marker.get("split_seed"),

@@ -42,5 +42,7 @@ def map_weights(values: np.ndarray, mapping: str, temperature: float = 1.0) -> n
         weights = np.exp(logits)
         weights *= len(weights) / weights.sum()
     if not weights.sum() > 0:
-        raise ValueError(f"All weights are zero under mapping {mapping!r}; nothing would be learned from them.")
+        raise ValueError(
+            f"All weights are zero under mapping {mapping!r}; nothing would be learned from them."
+        )
     return weights

@@ -247,3 +247,13 @@ def test_cli(sweep, tmp_path):
     paths = report.main(["--sweep_dir", str(sweep), "--output_dir", str(tmp_path / "cli"), "--test", "ttest"])
     assert paths["report"] == tmp_path / "cli" / "report.md"
     assert (pd.read_csv(paths["paired"])["test"] == "ttest").all()
+
+
+def test_peft_none_is_reported_as_full_fine_tuning(tmp_path):
+    run = tmp_path / "sweep" / "a"
+    run.mkdir(parents=True)
+    (run / "all_results.json").write_text(json.dumps({"test_rmse": 0.5}))
+    (run / "run_complete.json").write_text(json.dumps({"peft": "none", "selection": "none", "seed": 1}))
+    runs = collect_runs(tmp_path / "sweep")
+    assert runs["method"].tolist() == ["full"]
+    assert runs["strategy"].tolist() == ["none"]
