@@ -118,7 +118,9 @@ class MolformerSelfAttention(nn.Module):
         k = apply_rotary(self._split_heads(self.key(hidden_states)), cos, sin)
         v = self._split_heads(self.value(hidden_states))
         q = self.feature_map(q)
-        k = self.feature_map(k) * attention_mask[:, None, :, None].to(q.dtype)
+        # where, not a product: padded rows must not leak a non-finite value (e.g. a forward-mode tangent of a
+        # constant row's LayerNorm) into the sums over keys
+        k = torch.where(attention_mask[:, None, :, None].bool(), self.feature_map(k), 0.0)
         kv = k.transpose(-1, -2) @ v  # [B, h, m, d]
         denominator = (q @ k.sum(dim=2).unsqueeze(-1)).clamp(min=self.eps)  # [B, h, S, 1]
         context = (q @ kv) / denominator
@@ -277,8 +279,9 @@ class MolformerModel(MolformerPreTrainedModel):
             embeddings, attention_mask, cos, sin, output_hidden_states=output_hidden_states
         )
         last_hidden_state = self.LayerNorm(hidden)
-        mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
-        pooled = (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        mask = attention_mask.unsqueeze(-1)
+        real = torch.where(mask.bool(), last_hidden_state, 0.0)
+        pooled = real.sum(dim=1) / mask.sum(dim=1).to(real.dtype).clamp(min=1e-9)
         if not return_dict:
             return tuple(v for v in (last_hidden_state, pooled, all_hidden) if v is not None)
         return BaseModelOutputWithPooling(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -457,3 +458,20 @@ def test_hub_checkpoint_aspirin_numbers():
     torch.testing.assert_close(logits[0, :3, :3], expected_logits, atol=1e-4, rtol=0)
     expected_pooled = torch.tensor([0.59427, 0.45265, 0.34374, 0.66782, -0.69957])
     torch.testing.assert_close(pooled[0, :5], expected_pooled, atol=1e-4, rtol=0)
+
+
+def test_forward_mode_derivatives_stay_finite_on_padded_batches():
+    """Padded rows hold constant hidden states whose LayerNorm tangents overflow in float32; they must not
+    leak into keys or the pooled output (influence scores use forward-mode products)."""
+    from modeling_molformer_reg import MolformerForRegression
+    from molft.influence import InfluenceProblem, select_parameters
+
+    torch.manual_seed(0)
+    config = MolformerConfig.from_json_file(str(Path(__file__).resolve().parents[1] / "configs/molformer-tiny.json"))
+    config.vocab_size = 20
+    model = MolformerForRegression(config).eval()
+    ids = torch.tensor([[0, 5, 6, 7, 1, 2, 2], [0, 5, 1, 2, 2, 2, 2], [0, 5, 6, 7, 8, 9, 1]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 2).long(), "labels": torch.tensor([1.0, 2.0, 0.5])}
+    problem = InfluenceProblem(model, select_parameters(model, "all"))
+    products = problem.grad_dot(batch, torch.randn(2, problem.num_params))
+    assert products.dtype == torch.float32 and torch.isfinite(products).all()
