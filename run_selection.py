@@ -37,12 +37,7 @@ import tokenization_molformer  # noqa: F401  registers the tokenizer with AutoTo
 from molft import plots
 from molft.cli import parse_args, setup_logging
 from molft.data import (
-    LABEL_CANDIDATES,
-    SMILES_CANDIDATES,
     dataset_fingerprint,
-    find_column,
-    load_raw_dataset,
-    prepare_molecules,
     read_table,
 )
 from molft.io import DONE_MARKER, is_done, mark_done, write_json
@@ -63,7 +58,7 @@ from molft.selection import (
     write_selection,
 )
 from molft.shift import format_shift_report, shift_report
-from molft.splits import SPLIT_NAMES, load_split, split_frames
+from molft.splits import SPLIT_NAMES, load_run_frames
 
 logger = logging.getLogger(__name__)
 
@@ -486,41 +481,18 @@ def pool_budget(
 
 
 def load_split_frames(data_args: DataArguments) -> dict[str, pd.DataFrame]:
-    """The run's train/validation/test molecules, prepared as run_regression.py does and split by split.json.
-
-    split.json records a fingerprint of the prepared dataset, so data other than the run's is an error.
-    """
-    raw = load_raw_dataset(
-        None if data_args.train_file else data_args.dataset_name,
+    """The run's train/validation/test molecules, prepared as run_regression.py does and cut by split.json."""
+    return load_run_frames(
+        data_args.split_file,
+        dataset_name=data_args.dataset_name,
         train_file=data_args.train_file,
         validation_file=data_args.validation_file,
         test_file=data_args.test_file,
         dataset_config_name=data_args.dataset_config_name,
+        smiles_column=data_args.smiles_column,
+        label_column=data_args.label_column,
+        strict_smiles=data_args.strict_smiles,
     )
-    if set(raw.frames) == {"train"}:  # one file: run_regression.py split it itself
-        raw.frames = {"all": raw.frames["train"]}
-    names = ["all"] if "all" in raw.frames else list(SPLIT_NAMES)
-    missing = [name for name in names if name not in raw.frames]
-    if missing:
-        raise ValueError(
-            f"Pre-split data needs train, validation and test parts; {raw.source} lacks {missing}."
-        )
-    prepared = []
-    for name in names:
-        frame, source = raw.frames[name], f"{raw.source} [{name}]"
-        prepared.append(
-            prepare_molecules(
-                frame,
-                find_column(frame, data_args.smiles_column, SMILES_CANDIDATES, "SMILES", source),
-                find_column(frame, data_args.label_column, LABEL_CANDIDATES, "label", source),
-                source=source,
-                strict=data_args.strict_smiles,
-            )
-        )
-    dataset = pd.concat(prepared, ignore_index=True)
-    split = load_split(data_args.split_file, dataset)
-    logger.info("Split %s of %s: %s", data_args.split_file, raw.source, split.sizes)
-    return split_frames(dataset, split)
 
 
 def heldout_overlap(pool_frame: pd.DataFrame, frames: dict[str, pd.DataFrame] | None) -> dict[str, list[int]]:
