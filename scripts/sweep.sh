@@ -6,6 +6,10 @@
 # SELECTIONS_DIR holds one folder per strategy with the selected.csv that run_selection.py wrote
 # (e.g. selections/random/selected.csv); the strategy "none" adds no external molecules.
 # Every run reuses SPLIT_JSON, so all cells see the same train/validation/test molecules.
+# A strategy folder may also hold run_args.txt: extra run_regression.py flags for that strategy's runs,
+# e.g. influence-weighted training as one more strategy (the "all" selection, weighted instead of cut):
+#   selections/influence_weighted/selected.csv  (a copy of the pool with its influence score column)
+#   selections/influence_weighted/run_args.txt  --extra_train_weights score --weight_mapping helpful_softmax
 #
 # Environment (defaults in brackets):
 #   METHODS     PEFT methods                  [full lora ia3 bitfit]   ("full" = --peft none)
@@ -62,6 +66,10 @@ for method in $METHODS; do
       read -r -a method_args <<< "${!method_args_var:-}"
       extra=()
       [ "$strategy" != none ] && extra=(--extra_train_file "$selections_dir/$strategy/selected.csv")
+      if [ -f "$selections_dir/$strategy/run_args.txt" ]; then
+        read -r -a strategy_args < "$selections_dir/$strategy/run_args.txt"
+        extra+=("${strategy_args[@]}")
+      fi
       echo "[$n/$n_total] $method / $strategy / seed $seed -> $run_dir"
       mkdir -p "$run_dir"
       # shellcheck disable=SC2086  # LAUNCHER is deliberately word-split

@@ -36,6 +36,9 @@ def sweep_env(tmp_path):
     selections = tmp_path / "selections"
     (selections / "random").mkdir(parents=True)
     (selections / "random" / "selected.csv").write_text("SMILES,Label\nCCO,1.0\n")
+    (selections / "weighted").mkdir()
+    (selections / "weighted" / "selected.csv").write_text("SMILES,Label,score\nCCO,1.0,-0.2\n")
+    (selections / "weighted" / "run_args.txt").write_text("--extra_train_weights score --weight_mapping helpful_clip\n")
     env = {
         **os.environ,
         "METHODS": "full lora",
@@ -105,6 +108,17 @@ def test_failures_are_reported_and_exit_nonzero(sweep_env):
     assert "4 failed" in result.stdout
     assert len(calls(env)) == 8  # the other runs still ran
     assert not (tmp_path / "sweep/full/none/seed2/run_complete.json").exists()
+
+
+def test_strategy_run_args_reach_only_that_strategy(sweep_env):
+    tmp_path, split, selections, env = sweep_env
+    result = run_sweep(tmp_path, split, selections, {**env, "METHODS": "full", "STRATEGIES": "random weighted", "SEEDS": "1"})
+    assert result.returncode == 0, result.stderr
+    made = {a[a.index("--output_dir") + 1].split("sweep/")[1]: a for a in calls(env)}
+    weighted = made["full/weighted/seed1"]
+    assert weighted[weighted.index("--extra_train_weights") + 1] == "score"
+    assert weighted[weighted.index("--weight_mapping") + 1] == "helpful_clip"
+    assert "--extra_train_weights" not in made["full/random/seed1"]
 
 
 def test_missing_selection_file_is_a_clear_error(sweep_env):
