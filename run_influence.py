@@ -39,13 +39,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 import modeling_molformer_reg  # noqa: F401  registers MoLFormer with the Auto classes
 import tokenization_molformer  # noqa: F401  registers the tokenizer with AutoTokenizer
 from molft import plots
-from molft.cli import parse_args, setup_logging
+from molft.cli import log_level, parse_args, setup_logging
 from molft.influence import (
     ESTIMATORS,
     HELPFUL_SIGN,
@@ -61,8 +61,8 @@ from molft.influence import (
     spearman_vs,
     squared_error_loss,
 )
-from molft.io import DONE_MARKER, atomic_path, is_done, mark_done, write_csv, write_json, write_text
-from molft.model_utils import embed_batches, fixed_feature_maps, unwrap_peft
+from molft.io import atomic_path, mark_done, prepare_output_dir, write_csv, write_json, write_text
+from molft.model_utils import embed_batches, fixed_feature_maps, smiles_batches, unwrap_peft
 from molft.peft_setup import is_adapter_checkpoint, load_regression_checkpoint
 from molft.selection import load_pool
 from molft.splits import SPLIT_NAMES, load_run_frames
@@ -345,7 +345,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     pool = load_candidate_pool(pool_args)
     warn_about_query_split(influence_args.query_split)
     warn_about_extra_training_data(model_args.model_name_or_path)
-    output_dir = prepare_output_dir(output_args)
+    output_dir = prepare_output_dir(
+        output_args.output_dir, output_args.overwrite_output_dir, "influence scores"
+    )
 
     model = load_regression_checkpoint(model_args.model_name_or_path, model_args.base_model)
     model = model.to(device=device, dtype=dtype).eval()
@@ -357,9 +359,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     query_frame = frames[influence_args.query_split]
     batch_size, max_length = influence_args.batch_size, data_args.max_seq_length
     token_batches = {
-        "train": molecule_batches(train_frame, tokenizer, batch_size, max_length),
-        "query": molecule_batches(query_frame, tokenizer, batch_size, max_length),
-        "candidates": molecule_batches(pool, tokenizer, batch_size, max_length),
+        "train": frame_batches(train_frame, tokenizer, batch_size, max_length),
+        "query": frame_batches(query_frame, tokenizer, batch_size, max_length),
+        "candidates": frame_batches(pool, tokenizer, batch_size, max_length),
     }
     logger.info(
         "Influence of %d external molecules on the %s loss (%d molecules); Hessian over %d training molecules.",
@@ -431,18 +433,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def log_level(name: str) -> int:
-    levels = {
-        "debug": logging.DEBUG,
-        "info": logging.INFO,
-        "warning": logging.WARNING,
-        "error": logging.ERROR,
-    }
-    if name.lower() not in levels:
-        raise ValueError(f"--log_level must be one of {sorted(levels)}, got {name!r}.")
-    return levels[name.lower()]
-
-
 def parse_list(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -498,20 +488,6 @@ def warn_about_query_split(query_split: str) -> None:
             "training data to the test set, so the run's test metrics are no longer an unbiased estimate. Use "
             "this only for analysis, never for a selection you report test metrics for. !!!"
         )
-
-
-def prepare_output_dir(output_args: OutputArguments) -> Path:
-    """Refuse to silently redo a finished run; drop a stale marker before overwriting one."""
-    output_dir = Path(output_args.output_dir)
-    if is_done(output_dir):
-        if not output_args.overwrite_output_dir:
-            raise ValueError(
-                f"{output_dir} already holds complete influence scores ({DONE_MARKER}); "
-                "pass --overwrite_output_dir to redo them."
-            )
-        (output_dir / DONE_MARKER).unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -635,25 +611,6 @@ def training_subset(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.Dat
     rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=limit, replace=False))
     logger.info("Hessian/Fisher over %d of %d training molecules (--max_train_samples).", limit, len(frame))
     return frame.iloc[rows].reset_index(drop=True)
-
-
-def molecule_batches(
-    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int
-) -> list[Batch]:
-    """Padded, labelled batches in frame order, tokenised as run_regression.py does."""
-    encoded = tokenizer(frame["canonical_smiles"].tolist(), truncation=True, max_length=max_length)
-    labels = frame["label"].to_numpy(dtype=np.float64)
-    features = [
-        {"input_ids": ids, "attention_mask": mask}
-        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
-    ]
-    collator = DataCollatorWithPadding(tokenizer)
-    batches = []
-    for start in range(0, len(features), batch_size):
-        batch = dict(collator(features[start : start + batch_size]))
-        batch["labels"] = torch.tensor(labels[start : start + batch_size])  # float64; cast to the model's
-        batches.append(batch)
-    return batches
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1429,3 +1386,16 @@ def log_result(scores_frame: pd.DataFrame, summary: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def frame_batches(
+    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int
+) -> list:
+    """Padded, labelled batches in frame order."""
+    return smiles_batches(
+        frame["canonical_smiles"].tolist(),
+        tokenizer,
+        batch_size,
+        max_length,
+        labels=frame["label"].to_numpy(),
+    )

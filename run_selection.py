@@ -30,18 +30,18 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
 import modeling_molformer_reg  # noqa: F401  registers MoLFormer with the Auto classes
 import tokenization_molformer  # noqa: F401  registers the tokenizer with AutoTokenizer
 from molft import plots
-from molft.cli import parse_args, setup_logging
+from molft.cli import log_level, parse_args, setup_logging
 from molft.data import (
     dataset_fingerprint,
     read_table,
 )
-from molft.io import DONE_MARKER, is_done, mark_done, write_json
-from molft.model_utils import embed_batches
+from molft.io import mark_done, prepare_output_dir, write_json
+from molft.model_utils import embed_batches, smiles_batches
 from molft.peft_setup import load_regression_checkpoint
 from molft.selection import (
     Selection,
@@ -282,7 +282,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     params = strategy_options(selection_args)
     default_split_file(data_args, model_args)
     validate_arguments(selection_args, params, pool_args, data_args, model_args, output_args)
-    output_dir = prepare_output_dir(output_args)
+    output_dir = prepare_output_dir(output_args.output_dir, output_args.overwrite_output_dir, "selection")
     started = time.perf_counter()
 
     # The pool, the run's split, and which pool molecules may be picked at all
@@ -374,18 +374,6 @@ def strategy_options(selection_args: SelectionArguments) -> dict[str, Any]:
     return params
 
 
-def log_level(name: str) -> int:
-    levels = {
-        "debug": logging.DEBUG,
-        "info": logging.INFO,
-        "warning": logging.WARNING,
-        "error": logging.ERROR,
-    }
-    if name.lower() not in levels:
-        raise ValueError(f"--log_level must be one of {sorted(levels)}, got {name!r}.")
-    return levels[name.lower()]
-
-
 def default_split_file(data_args: DataArguments, model_args: ModelArguments) -> None:
     """Use the split.json that run_regression.py wrote next to the model, unless one was given."""
     if data_args.split_file or not model_args.model_name_or_path:
@@ -443,20 +431,6 @@ def validate_arguments(
         raise ValueError("Give only one of --k and --fraction.")
     if model_args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {model_args.batch_size}.")
-
-
-def prepare_output_dir(output_args: OutputArguments) -> Path:
-    """Refuse to silently redo a finished selection; drop a stale marker before overwriting one."""
-    output_dir = Path(output_args.output_dir)
-    if is_done(output_dir):
-        if not output_args.overwrite_output_dir:
-            raise ValueError(
-                f"{output_dir} already holds a complete selection ({DONE_MARKER}); "
-                "pass --overwrite_output_dir to redo it."
-            )
-        (output_dir / DONE_MARKER).unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
 
 
 def pool_budget(
@@ -588,7 +562,7 @@ def model_arrays(
     quiet = output_args.disable_tqdm
 
     def batches_of(frame: pd.DataFrame) -> list[dict[str, torch.Tensor]]:
-        return molecule_batches(
+        return smiles_batches(
             frame["canonical_smiles"].tolist(), tokenizer, model_args.batch_size, model_args.max_seq_length
         )
 
@@ -612,19 +586,6 @@ def model_arrays(
             model, pool_batches, model_args.n_passes, selection_args.seed, quiet
         )
     return arrays
-
-
-def molecule_batches(
-    smiles: list[str], tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int
-) -> list[dict[str, torch.Tensor]]:
-    """Padded batches in input order, tokenised as run_regression.py does (truncation is reported)."""
-    encoded = tokenizer(smiles, truncation=True, max_length=max_length)
-    features = [
-        {"input_ids": ids, "attention_mask": mask}
-        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
-    ]
-    collator = DataCollatorWithPadding(tokenizer)
-    return [collator(features[start : start + batch_size]) for start in range(0, len(features), batch_size)]
 
 
 def mc_predictions(

@@ -72,3 +72,18 @@ def setup_logging(log_level: int) -> None:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_explicit_format()
+
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def log_level(name: str) -> int:
+    """The logging level of a `--log_level` name."""
+    if name.lower() not in LOG_LEVELS:
+        raise ValueError(f"--log_level must be one of {sorted(LOG_LEVELS)}, got {name!r}.")
+    return LOG_LEVELS[name.lower()]

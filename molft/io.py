@@ -80,3 +80,19 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, what: str) -> Path:
+    """Refuse to silently redo a finished step; drop a stale marker before overwriting one.
+
+    `what` names the step's result in the message, e.g. "influence scores".
+    """
+    output_dir = Path(output_dir)
+    if is_done(output_dir):
+        if not overwrite:
+            raise ValueError(
+                f"{output_dir} already holds complete {what} ({DONE_MARKER}); pass --overwrite_output_dir to redo it."
+            )
+        (output_dir / DONE_MARKER).unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir

@@ -57,8 +57,39 @@ def embed_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
     try:
         for batch in batches:
             chunks.append(
-                base.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().numpy()
+                base.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                .float()
+                .cpu()
+                .numpy()
             )
     finally:
         model.train(was_training)
     return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
+
+
+def smiles_batches(
+    smiles: list[str],
+    tokenizer,
+    batch_size: int,
+    max_length: int,
+    labels: np.ndarray | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Padded batches in input order, tokenised as run_regression.py does (truncation is reported).
+
+    `labels` (float64, cast to the model's dtype where used) are added as a `labels` tensor when given.
+    """
+    from transformers import DataCollatorWithPadding
+
+    encoded = tokenizer(smiles, truncation=True, max_length=max_length)
+    features = [
+        {"input_ids": ids, "attention_mask": mask}
+        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)
+    ]
+    collator = DataCollatorWithPadding(tokenizer)
+    batches = []
+    for start in range(0, len(features), batch_size):
+        batch = dict(collator(features[start : start + batch_size]))
+        if labels is not None:
+            batch["labels"] = torch.tensor(np.asarray(labels[start : start + batch_size], dtype=np.float64))
+        batches.append(batch)
+    return batches

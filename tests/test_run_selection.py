@@ -21,6 +21,7 @@ from molft.chem import canonical_smiles, morgan_fingerprints
 from molft.cli import parse_args
 from molft.data import LABEL_CANDIDATES, SMILES_CANDIDATES, find_column
 from molft.io import DONE_MARKER, read_json
+from molft.model_utils import smiles_batches
 from molft.peft_setup import load_regression_checkpoint
 from molft.selection import load_pool, mc_dropout_predictions
 
@@ -217,7 +218,7 @@ def test_uncertainty_picks_the_highest_mc_dropout_variance(trained, tmp_path):
     model = load_regression_checkpoint(trained.run_dir)
     tokenizer = AutoTokenizer.from_pretrained(trained.run_dir)
     smiles = load_pool(trained.pool_file)["canonical_smiles"].tolist()
-    batches = run_selection.molecule_batches(smiles, tokenizer, batch_size=16, max_length=202)
+    batches = smiles_batches(smiles, tokenizer, batch_size=16, max_length=202)
     variance = mc_dropout_predictions(model, batches, n_passes, seed).var(axis=0, ddof=1)
     candidates = trained.candidates
     expected = candidates[np.argsort(-variance[candidates], kind="stable")][:K]
