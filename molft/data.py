@@ -296,7 +296,11 @@ def _checked_labels(values: pd.Series, rows: np.ndarray, column: str, source: st
     bad = np.flatnonzero(~np.isfinite(numeric))
     if bad.size:
         raw = values.to_numpy()
-        shown = "; ".join(f"row {rows[i]}: {raw[i]}" for i in bad[:_MAX_BAD_ROWS])
+        # strings quoted (they show what was typed), numbers plain (nan, not np.float64(nan))
+        shown = "; ".join(
+            f"row {rows[i]}: {raw[i]!r}" if isinstance(raw[i], str) else f"row {rows[i]}: {raw[i]}"
+            for i in bad[:_MAX_BAD_ROWS]
+        )
         raise ValueError(
             f"{source}: {bad.size} labels in column {column!r} are missing, infinite or not numeric "
             f"({shown}{' ...' if bad.size > _MAX_BAD_ROWS else ''}). Fix or remove these rows."

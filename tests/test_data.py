@@ -120,7 +120,7 @@ def test_prepare_rejects_bad_labels_naming_row_and_source(bad_label, shown):
     df = _frame(["CCO", "CCN", "CCC"], [1.0, 2.0, 3.0])
     df["y"] = df["y"].astype(object)
     df.loc[2, "y"] = bad_label
-    with pytest.raises(ValueError, match=rf"train\.csv: 1 labels in column 'y'.*row 2: {shown}"):
+    with pytest.raises(ValueError, match=rf"train\.csv: 1 labels in column 'y'.*\(row 2: {shown}\)"):
         prepare_molecules(df, "smiles", "y", source="train.csv")
 
 
