@@ -65,7 +65,7 @@ from molft.io import atomic_path, mark_done, prepare_output_dir, write_csv, writ
 from molft.model_utils import embed_batches, fixed_feature_maps, smiles_batches, unwrap_peft
 from molft.peft_setup import is_adapter_checkpoint, load_regression_checkpoint
 from molft.selection import load_pool
-from molft.splits import SPLIT_NAMES, load_run_frames
+from molft.splits import SPLIT_NAMES, load_run_frames_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     # Inputs, each checked before anything slow runs
     checkpoint_kind = check_regression_checkpoint(model_args.model_name_or_path)
     data_args.split_file = data_args.split_file or default_split_file(model_args.model_name_or_path)
-    frames = load_split_frames(data_args)
+    frames = load_run_frames_from_args(data_args)
     pool = load_candidate_pool(pool_args)
     warn_about_query_split(influence_args.query_split)
     warn_about_extra_training_data(model_args.model_name_or_path)
@@ -561,21 +561,6 @@ def default_split_file(model_path: str) -> str:
         )
     logger.info("Using the model's split %s.", candidate)
     return str(candidate)
-
-
-def load_split_frames(data_args: DataArguments) -> dict[str, pd.DataFrame]:
-    """The run's train/validation/test molecules, prepared as run_regression.py does and cut by split.json."""
-    return load_run_frames(
-        data_args.split_file,
-        dataset_name=data_args.dataset_name,
-        train_file=data_args.train_file,
-        validation_file=data_args.validation_file,
-        test_file=data_args.test_file,
-        dataset_config_name=data_args.dataset_config_name,
-        smiles_column=data_args.smiles_column,
-        label_column=data_args.label_column,
-        strict_smiles=data_args.strict_smiles,
-    )
 
 
 def load_candidate_pool(pool_args: PoolArguments) -> pd.DataFrame:

@@ -58,7 +58,7 @@ from molft.selection import (
     write_selection,
 )
 from molft.shift import format_shift_report, shift_report
-from molft.splits import SPLIT_NAMES, load_run_frames
+from molft.splits import SPLIT_NAMES, load_run_frames_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             f"Strategy {selection_args.strategy!r} needs the pool's labels; {pool_args.external_file} has no "
             "label column (name it with --external_label_column)."
         )
-    frames = load_split_frames(data_args) if data_args.split_file else None
+    frames = load_run_frames_from_args(data_args) if data_args.split_file else None
     overlap = heldout_overlap(pool_frame, frames)
     candidates = candidate_positions(pool_frame, overlap, keep=pool_args.keep_heldout_overlap)
     budget = pool_budget(selection_args, len(candidates), len(pool_frame), pool_args)
@@ -452,21 +452,6 @@ def pool_budget(
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
-
-
-def load_split_frames(data_args: DataArguments) -> dict[str, pd.DataFrame]:
-    """The run's train/validation/test molecules, prepared as run_regression.py does and cut by split.json."""
-    return load_run_frames(
-        data_args.split_file,
-        dataset_name=data_args.dataset_name,
-        train_file=data_args.train_file,
-        validation_file=data_args.validation_file,
-        test_file=data_args.test_file,
-        dataset_config_name=data_args.dataset_config_name,
-        smiles_column=data_args.smiles_column,
-        label_column=data_args.label_column,
-        strict_smiles=data_args.strict_smiles,
-    )
 
 
 def heldout_overlap(pool_frame: pd.DataFrame, frames: dict[str, pd.DataFrame] | None) -> dict[str, list[int]]:

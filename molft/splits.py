@@ -469,7 +469,9 @@ def load_run_frames(
     names = ["all"] if "all" in raw.frames else list(SPLIT_NAMES)
     missing = [name for name in names if name not in raw.frames]
     if missing:
-        raise ValueError(f"Pre-split data needs train, validation and test parts; {raw.source} lacks {missing}.")
+        raise ValueError(
+            f"Pre-split data needs train, validation and test parts; {raw.source} lacks {missing}."
+        )
     prepared = []
     for name in names:
         frame, source = raw.frames[name], f"{raw.source} [{name}]"
@@ -491,3 +493,18 @@ def load_run_frames(
         ) from err
     logger.info("Split %s of %s: %s", split_file, raw.source, split.sizes)
     return split_frames(dataset, split)
+
+
+def load_run_frames_from_args(data_args: Any) -> dict[str, pd.DataFrame]:
+    """`load_run_frames` with the data options of a script's argument dataclass (same field names)."""
+    return load_run_frames(
+        data_args.split_file,
+        dataset_name=data_args.dataset_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        dataset_config_name=data_args.dataset_config_name,
+        smiles_column=data_args.smiles_column,
+        label_column=data_args.label_column,
+        strict_smiles=data_args.strict_smiles,
+    )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import NamedTuple
-from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -16,10 +14,10 @@ import pytest
 import scipy.stats
 import torch
 import yaml
+from helpers import train_tiny_regression
 from torch import nn
 
 import run_influence
-import run_regression
 from configuration_molformer import MolformerConfig
 from modeling_molformer import MolformerForMaskedLM
 from molft.cli import parse_args
@@ -73,29 +71,9 @@ def runs(tmp_path_factory, data_dir) -> Runs:
     pd.read_csv(data_dir / "lipophilicity.csv", nrows=N_DATASET).to_csv(train_file, index=False)
     pool_file = tmp / "pool.csv"
     pd.read_csv(data_dir / "external_300.csv", nrows=N_POOL).to_csv(pool_file, index=False)
-    full = train_tiny_model(train_file, tmp / "full")
-    lora = train_tiny_model(train_file, tmp / "lora", "--peft", "lora", "--save_strategy", "no")
+    full = train_tiny_regression(train_file, tmp / "full")
+    lora = train_tiny_regression(train_file, tmp / "lora", "--peft", "lora", "--save_strategy", "no")
     return Runs(full, lora, train_file, pool_file, tmp)
-
-
-def train_tiny_model(train_file: Path, run_dir: Path, *extra: str) -> Path:
-    argv = [
-        "run_regression.py",
-        "--train_file", str(train_file),
-        "--config_name", str(TINY_CONFIG),
-        "--output_dir", str(run_dir),
-        "--do_train", "--do_eval",
-        "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "32",
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        "--use_cpu", "true",
-        "--dataloader_num_workers", "0",
-        *extra,
-    ]  # fmt: skip
-    with patch.object(sys, "argv", argv):
-        run_regression.main()
-    return run_dir
 
 
 def influence(runs: Runs, output_dir: Path, *options: str | Path, model: Path | None = None) -> dict:

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import train_tiny_regression
 from rdkit import DataStructs
 from transformers import AutoTokenizer
 
-import run_regression
 import run_selection
 from molft.chem import canonical_smiles, morgan_fingerprints
 from molft.cli import parse_args
@@ -67,24 +67,7 @@ def trained(tmp_path_factory, data_dir) -> TrainedRun:
 
 
 def train_tiny_model(train_file: Path, run_dir: Path, *extra: str) -> Path:
-    argv = [
-        "run_regression.py",
-        "--train_file", str(train_file),
-        "--config_name", str(TINY_CONFIG),
-        "--output_dir", str(run_dir),
-        "--do_train", "--do_eval",
-        "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "32",
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        "--use_cpu", "true",
-        "--dataloader_num_workers", "0",
-        "--save_strategy", "no",
-        *extra,
-    ]  # fmt: skip
-    with patch.object(sys, "argv", argv):
-        run_regression.main()
-    return run_dir
+    return train_tiny_regression(train_file, run_dir, "--save_strategy", "no", *extra)
 
 
 def run_main(base: list[str | Path], options: str = "", *extra: str | Path) -> dict:

@@ -1,0 +1,32 @@
+"""Helpers shared by the script tests (imported as `helpers`; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from unittest.mock import patch
+
+import run_regression
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "molformer-tiny.json"
+
+
+def train_tiny_regression(train_file: Path, run_dir: Path, *extra: str) -> Path:
+    """One epoch of a tiny MoLFormer from scratch on `train_file`, through run_regression.main()."""
+    argv = [
+        "run_regression.py",
+        "--train_file", str(train_file),
+        "--config_name", str(TINY_CONFIG),
+        "--output_dir", str(run_dir),
+        "--do_train", "--do_eval",
+        "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "32",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        "--use_cpu", "true",
+        "--dataloader_num_workers", "0",
+        *extra,
+    ]  # fmt: skip
+    with patch.object(sys, "argv", argv):
+        run_regression.main()
+    return run_dir
