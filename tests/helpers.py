@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 from unittest.mock import patch
 
+import pytest
+import torch
+
 import run_regression
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "molformer-tiny.json"
@@ -30,3 +33,15 @@ def train_tiny_regression(train_file: Path, run_dir: Path, *extra: str) -> Path:
     with patch.object(sys, "argv", argv):
         run_regression.main()
     return run_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run faster on one thread, and much faster than two on a busy 2-core machine.
+
+    Autouse in every test module that imports it.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -14,7 +14,7 @@ import pytest
 import scipy.stats
 import torch
 import yaml
-from helpers import train_tiny_regression
+from helpers import single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
 from torch import nn
 
 import run_influence
@@ -53,15 +53,6 @@ class Runs(NamedTuple):
     train_file: Path
     pool_file: Path
     tmp: Path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

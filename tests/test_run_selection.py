@@ -11,8 +11,7 @@ from unittest.mock import patch
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from helpers import train_tiny_regression
+from helpers import single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
 from rdkit import DataStructs
 from transformers import AutoTokenizer
 
@@ -39,15 +38,6 @@ class TrainedRun(NamedTuple):
     split: dict  # the run's split.json
     heldout: list[int]  # pool positions of molecules in the validation/test split
     candidates: np.ndarray  # the other pool positions
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
