@@ -64,8 +64,9 @@ from molft.influence import (
 from molft.io import atomic_path, mark_done, prepare_output_dir, write_csv, write_json, write_text
 from molft.model_utils import embed_batches, fixed_feature_maps, smiles_batches, unwrap_peft
 from molft.peft_setup import is_adapter_checkpoint, load_regression_checkpoint
+from molft.run_data import RunDataArguments
 from molft.selection import load_pool
-from molft.splits import SPLIT_NAMES, load_run_frames_from_args
+from molft.splits import SPLIT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -241,28 +242,6 @@ class PoolArguments:
 
 
 @dataclass
-class DataArguments:
-    """The run's dataset, rebuilt as run_regression.py prepares it, so split.json indexes it."""
-
-    split_file: str | None = field(
-        default=None,
-        metadata={"help": "The run's split.json (checked against the data). Default: <model>/split.json."},
-    )
-    dataset_name: str | None = field(
-        default="lipophilicity",
-        metadata={"help": "Dataset of the run, as given to run_regression.py. Ignored with --train_file."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "The run's --train_file, if it had one."})
-    validation_file: str | None = field(default=None, metadata={"help": "The run's --validation_file."})
-    test_file: str | None = field(default=None, metadata={"help": "The run's --test_file."})
-    smiles_column: str | None = field(default=None, metadata={"help": "The run's --smiles_column."})
-    label_column: str | None = field(default=None, metadata={"help": "The run's --label_column."})
-    strict_smiles: bool = field(default=False, metadata={"help": "The run's --strict_smiles."})
-    max_seq_length: int = field(default=202, metadata={"help": "The run's --max_seq_length (truncation)."})
-
-
-@dataclass
 class ModelArguments:
     model_name_or_path: str = field(
         metadata={"help": "A run_regression.py output folder: a full regression model or a PEFT adapter."}
@@ -273,6 +252,7 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer (default: the one saved with the model)."}
     )
+    max_seq_length: int = field(default=202, metadata={"help": "The run's --max_seq_length (truncation)."})
     device: str = field(
         default="auto", metadata={"help": "auto (CUDA when available) | cpu | cuda | cuda:N."}
     )
@@ -317,7 +297,7 @@ ARGUMENT_TYPES = (
     InfluenceArguments,
     EstimatorArguments,
     PoolArguments,
-    DataArguments,
+    RunDataArguments,
     ModelArguments,
     ValidationArguments,
     OutputArguments,
@@ -341,7 +321,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     # Inputs, each checked before anything slow runs
     checkpoint_kind = check_regression_checkpoint(model_args.model_name_or_path)
     data_args.split_file = data_args.split_file or default_split_file(model_args.model_name_or_path)
-    frames = load_run_frames_from_args(data_args)
+    frames = data_args.load_frames()
     pool = load_candidate_pool(pool_args)
     warn_about_query_split(influence_args.query_split)
     warn_about_extra_training_data(model_args.model_name_or_path)
@@ -357,7 +337,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
     train_frame = training_subset(frames["train"], influence_args.max_train_samples, influence_args.seed)
     query_frame = frames[influence_args.query_split]
-    batch_size, max_length = influence_args.batch_size, data_args.max_seq_length
+    batch_size, max_length = influence_args.batch_size, model_args.max_seq_length
     token_batches = {
         "train": frame_batches(train_frame, tokenizer, batch_size, max_length),
         "query": frame_batches(query_frame, tokenizer, batch_size, max_length),

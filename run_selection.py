@@ -43,6 +43,7 @@ from molft.data import (
 from molft.io import mark_done, prepare_output_dir, write_json
 from molft.model_utils import embed_batches, smiles_batches
 from molft.peft_setup import load_regression_checkpoint
+from molft.run_data import RunDataArguments
 from molft.selection import (
     Selection,
     SelectionPool,
@@ -58,7 +59,7 @@ from molft.selection import (
     write_selection,
 )
 from molft.shift import format_shift_report, shift_report
-from molft.splits import SPLIT_NAMES, load_run_frames_from_args
+from molft.splits import SPLIT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -200,31 +201,6 @@ class PoolArguments:
 
 
 @dataclass
-class DataArguments:
-    """The run's dataset, rebuilt exactly as run_regression.py prepares it, so split.json indexes it."""
-
-    split_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "The run's split.json (checked against the data). Default: "
-            "<model_name_or_path>/split.json when it exists. Without a split there is no training "
-            "set: no shift diagnostics, merged train file, held-out check or valuation strategies."
-        },
-    )
-    dataset_name: str | None = field(
-        default="lipophilicity",
-        metadata={"help": "Dataset of the run, as given to run_regression.py. Ignored with --train_file."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "The run's --train_file, if it had one."})
-    validation_file: str | None = field(default=None, metadata={"help": "The run's --validation_file."})
-    test_file: str | None = field(default=None, metadata={"help": "The run's --test_file."})
-    smiles_column: str | None = field(default=None, metadata={"help": "The run's --smiles_column."})
-    label_column: str | None = field(default=None, metadata={"help": "The run's --label_column."})
-    strict_smiles: bool = field(default=False, metadata={"help": "The run's --strict_smiles."})
-
-
-@dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
@@ -272,7 +248,7 @@ class OutputArguments:
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error."})
 
 
-ARGUMENT_TYPES = (SelectionArguments, PoolArguments, DataArguments, ModelArguments, OutputArguments)
+ARGUMENT_TYPES = (SelectionArguments, PoolArguments, RunDataArguments, ModelArguments, OutputArguments)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
@@ -298,7 +274,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             f"Strategy {selection_args.strategy!r} needs the pool's labels; {pool_args.external_file} has no "
             "label column (name it with --external_label_column)."
         )
-    frames = load_run_frames_from_args(data_args) if data_args.split_file else None
+    frames = data_args.load_frames() if data_args.split_file else None
     overlap = heldout_overlap(pool_frame, frames)
     candidates = candidate_positions(pool_frame, overlap, keep=pool_args.keep_heldout_overlap)
     budget = pool_budget(selection_args, len(candidates), len(pool_frame), pool_args)
@@ -374,7 +350,7 @@ def strategy_options(selection_args: SelectionArguments) -> dict[str, Any]:
     return params
 
 
-def default_split_file(data_args: DataArguments, model_args: ModelArguments) -> None:
+def default_split_file(data_args: RunDataArguments, model_args: ModelArguments) -> None:
     """Use the split.json that run_regression.py wrote next to the model, unless one was given."""
     if data_args.split_file or not model_args.model_name_or_path:
         return
@@ -392,7 +368,7 @@ def validate_arguments(
     selection_args: SelectionArguments,
     params: dict[str, Any],
     pool_args: PoolArguments,
-    data_args: DataArguments,
+    data_args: RunDataArguments,
     model_args: ModelArguments,
     output_args: OutputArguments,
 ) -> None:

@@ -3,7 +3,8 @@
 A run counts only once its completion marker exists, so a sweep that is still running or crashed part-way
 can be reported at any time without half-written runs leaking into the numbers. Comparisons pair runs on
 seed (and split seed) inside each PEFT method, because seed-to-seed spread is of the same size as the
-effects being measured.
+effects being measured. Runs on different splitters (scaffold, butina, ...) form separate cells and are
+never paired with each other.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from molft.stats import WILCOXON_ZERO_METHOD, PairedTest, holm_correction, paire
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "all_results.json"
-RUN_KEYS = ("method", "strategy", "seed", "split_seed")
+RUN_KEYS = ("split", "method", "strategy", "seed", "split_seed")
+UNRECORDED_SPLIT = "unrecorded"
 COST_COLUMNS = ("trainable_params", "total_params", "trainable_share", "train_wall_time_s")
 DEFAULT_METRICS = ("test_rmse", "test_mae", "test_r2")
 # selections in the order a reader compares them; unknown ones follow alphabetically
@@ -51,7 +53,7 @@ def collect_runs(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     duplicated = runs[runs.duplicated(list(RUN_KEYS), keep=False)]
     if not duplicated.empty:
         raise ValueError(
-            "More than one complete run for the same (method, strategy, seed, split_seed): "
+            "More than one complete run for the same (split, method, strategy, seed, split_seed): "
             + ", ".join(duplicated["run_dir"])
         )
     runs = _sort_cells(runs, extra=["seed", "split_seed"])
@@ -60,11 +62,12 @@ def collect_runs(sweep_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def cell_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.DataFrame:
-    """Per (method, strategy): run count, and mean, std and 95% t-interval over seeds for each metric."""
+    """Per (split, method, strategy): run count, and mean, std and 95% t-interval over seeds per metric."""
     _require_columns(runs, ["method", "strategy", *metrics])
+    runs = _with_split(runs)
     rows = []
-    for (method, strategy), cell in runs.groupby(["method", "strategy"], sort=False):
-        row: dict[str, Any] = {"method": method, "strategy": strategy, "n": len(cell)}
+    for (split, method, strategy), cell in runs.groupby(["split", "method", "strategy"], sort=False):
+        row: dict[str, Any] = {"split": split, "method": method, "strategy": strategy, "n": len(cell)}
         for metric in metrics:
             values = cell[metric].to_numpy(dtype=np.float64)
             finite = np.isfinite(values)
@@ -90,21 +93,24 @@ def cell_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> 
 def paired_table(
     runs: pd.DataFrame, metric: str = "test_rmse", test: PairedTest = "wilcoxon"
 ) -> pd.DataFrame:
-    """Paired differences (comparison − baseline) within each method, matched on seed and split seed.
+    """Paired differences (comparison − baseline) within each split and method, matched on seed and split seed.
 
     Baselines: every strategy against "none" and against "random", and "influence_top" against
     "influence_bottom". `p_holm` adjusts the p-values over all rows of the table.
     """
     _require_columns(runs, ["method", "strategy", "seed", metric])
+    runs = _with_split(runs)
     keys = ["seed"]
     if "split_seed" in runs and runs["split_seed"].notna().any():
         keys.append("split_seed")
     rows = []
-    for method, method_runs in runs.groupby("method", sort=True):
+    for (split, method), method_runs in runs.groupby(["split", "method"], sort=True):
         present = _ordered_strategies(method_runs["strategy"])
         for comparison, baseline in _comparisons(str(method), present):
-            rows.append(_paired_row(method_runs, str(method), comparison, baseline, metric, test, keys))
+            row = _paired_row(method_runs, str(method), comparison, baseline, metric, test, keys)
+            rows.append({"split": split, **row})
     columns = [
+        "split",
         "method",
         "comparison",
         "baseline",
@@ -177,6 +183,7 @@ def _read_run(run_dir: Path) -> dict[str, Any] | None:
 
     row: dict[str, Any] = {
         # --peft none is full fine-tuning; "none" is kept for the strategy that adds no external data
+        "split": str(marker.get("split") or UNRECORDED_SPLIT),
         "method": "full" if marker["peft"] == "none" else str(marker["peft"]),
         "strategy": str(marker["selection"]),
         "seed": marker["seed"],
@@ -276,13 +283,23 @@ def _strategy_rank(strategy: str) -> tuple[int, str]:
     return len(STRATEGY_ORDER), strategy
 
 
+def _with_split(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs tables built by hand (or by older versions) may lack the split column: one unnamed split."""
+    return runs if "split" in runs else runs.assign(split=UNRECORDED_SPLIT)
+
+
 def _sort_cells(frame: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+    frame = _with_split(frame)
     rank = frame["strategy"].map(lambda s: _strategy_rank(s)[0])
-    ordered = frame.assign(_rank=rank).sort_values(["method", "_rank", "strategy", *extra], kind="stable")
+    ordered = frame.assign(_rank=rank).sort_values(
+        ["split", "method", "_rank", "strategy", *extra], kind="stable"
+    )
     return ordered.drop(columns="_rank").reset_index(drop=True)
 
 
 def _write_figures(cells: pd.DataFrame, metric: str, out_dir: Path) -> dict[str, Path]:
+    if cells["split"].nunique() > 1:  # one bar group per method and splitter
+        cells = cells.assign(method=cells["method"] + " / " + cells["split"])
     paths = {"bars": out_dir / "bars_ci.png"}
     plots.bars_with_ci(cells, value=metric, path=paths["bars"])
     if "trainable_params" in cells:
@@ -308,7 +325,8 @@ def _markdown_report(
     paths: dict[str, Path],
 ) -> str:
     metrics = [c.removesuffix("_mean") for c in cells.columns if c.endswith("_mean")]
-    cell_view = cells[["method", "strategy", "n"]].copy()
+    several_splits = cells["split"].nunique() > 1
+    cell_view = cells[[*(["split"] if several_splits else []), "method", "strategy", "n"]].copy()
     for m in metrics:
         cell_view[f"{m} (95% CI)"] = [
             f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
@@ -334,7 +352,7 @@ def _markdown_report(
         "# Sweep report",
         "",
         f"Sweep directory: `{sweep_dir}`. {len(runs)} complete run(s), {cells['method'].nunique()} method(s), "
-        f"{cells['strategy'].nunique()} strategy(ies).",
+        f"{cells['strategy'].nunique()} strategy(ies), {cells['split'].nunique()} splitter(s).",
         "",
         "## Cells",
         "",
@@ -349,7 +367,9 @@ def _markdown_report(
         f"interval on the differences and p-values come from the {test_sentence}; p_holm is Holm-adjusted "
         f"over all {len(paired)} comparisons. n_dropped counts runs without a matching partner.",
         "",
-        _markdown_table(paired) if not paired.empty else "No comparison had its baseline present.",
+        _markdown_table(paired if several_splits else paired.drop(columns="split"))
+        if not paired.empty
+        else "No comparison had its baseline present.",
         "",
         "## Figures",
         "",

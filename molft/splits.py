@@ -493,18 +493,3 @@ def load_run_frames(
         ) from err
     logger.info("Split %s of %s: %s", split_file, raw.source, split.sizes)
     return split_frames(dataset, split)
-
-
-def load_run_frames_from_args(data_args: Any) -> dict[str, pd.DataFrame]:
-    """`load_run_frames` with the data options of a script's argument dataclass (same field names)."""
-    return load_run_frames(
-        data_args.split_file,
-        dataset_name=data_args.dataset_name,
-        train_file=data_args.train_file,
-        validation_file=data_args.validation_file,
-        test_file=data_args.test_file,
-        dataset_config_name=data_args.dataset_config_name,
-        smiles_column=data_args.smiles_column,
-        label_column=data_args.label_column,
-        strict_smiles=data_args.strict_smiles,
-    )

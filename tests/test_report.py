@@ -257,3 +257,26 @@ def test_peft_none_is_reported_as_full_fine_tuning(tmp_path):
     runs = collect_runs(tmp_path / "sweep")
     assert runs["method"].tolist() == ["full"]
     assert runs["strategy"].tolist() == ["none"]
+
+
+def test_splitters_are_separate_cells_and_never_paired_across(tmp_path):
+    root = tmp_path / "splitters"
+    scaffold = {"none": (0.9, 1.0, 1.1), "random": (0.8, 0.95, 1.0)}
+    for seed in SEEDS:
+        _write_run(
+            root / "random_split" / f"s{seed}", "full", "none", seed, 0.7 + 0.01 * seed, split="random"
+        )
+        for strategy, values in scaffold.items():
+            _write_run(root / f"scaffold_{strategy}" / f"s{seed}", "full", strategy, seed, values[seed],
+                       split="scaffold")  # fmt: skip
+    runs = collect_runs(root)  # same method, strategy and seed on two splitters: not duplicates
+    cells = cell_table(runs)
+    assert len(cells) == 3
+    assert _row(cells, split="random", strategy="none")["test_rmse_mean"] == pytest.approx(0.71)
+    assert _row(cells, split="scaffold", strategy="none")["test_rmse_mean"] == pytest.approx(1.0)
+    paired = paired_table(runs)
+    # only the scaffold split has a random baseline; its none runs are the pairs, not the random split's
+    assert paired[["split", "comparison", "baseline"]].values.tolist() == [["scaffold", "random", "none"]]
+    assert paired["mean_diff"].iloc[0] == pytest.approx((-0.1 - 0.05 - 0.1) / 3)
+    report = write_report(root, tmp_path / "report")["report"].read_text()
+    assert "2 splitter(s)" in report and "| split | method | strategy | n |" in report

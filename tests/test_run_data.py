@@ -1,0 +1,49 @@
+"""RunDataArguments: the downstream scripts rebuild a run's frames from its split.json, or refuse."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from molft.data import prepare_molecules
+from molft.run_data import RunDataArguments
+from molft.splits import make_split, save_split
+
+SMILES = [
+    "CCO", "CCN", "CCC", "CCCl", "CCBr", "CC(=O)O", "CC(=O)N", "c1ccccc1", "c1ccncc1", "c1ccoc1",
+    "CCOC", "CCCO", "CCCN", "CCCC", "OCCO", "NCCN", "CC(C)O", "CC(C)N", "CC(C)C", "c1ccsc1",
+]  # fmt: skip
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    frame = pd.DataFrame({"smiles": SMILES, "y": [0.1 * i for i in range(len(SMILES))]})
+    data_file = tmp_path / "data.csv"
+    frame.to_csv(data_file, index=False)
+    prepared = prepare_molecules(frame, "smiles", "y", source=str(data_file))
+    split = make_split(prepared, "random", seed=3)
+    split_file = tmp_path / "split.json"
+    save_split(split_file, prepared, split, dataset_source=str(data_file))
+    return data_file, split_file, prepared, split
+
+
+def test_load_frames_rebuilds_the_runs_split(run_files):
+    data_file, split_file, prepared, split = run_files
+    frames = RunDataArguments(split_file=str(split_file), train_file=str(data_file)).load_frames()
+    assert {name: len(frame) for name, frame in frames.items()} == split.sizes
+    for name, idx in split.indices().items():
+        assert frames[name]["canonical_smiles"].tolist() == prepared["canonical_smiles"].iloc[idx].tolist()
+        assert frames[name]["label"].tolist() == pytest.approx(prepared["label"].iloc[idx].tolist())
+
+
+def test_load_frames_refuses_other_data(run_files, tmp_path):
+    _, split_file, _, _ = run_files
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"smiles": SMILES[::-1], "y": range(len(SMILES))}).to_csv(other, index=False)
+    with pytest.raises(ValueError, match="different dataset"):
+        RunDataArguments(split_file=str(split_file), train_file=str(other)).load_frames()
+
+
+def test_load_frames_needs_a_split_file():
+    with pytest.raises(ValueError, match="--split_file"):
+        RunDataArguments().load_frames()
