@@ -32,6 +32,7 @@ COST_COLUMNS = ("trainable_params", "total_params", "trainable_share", "train_wa
 DEFAULT_METRICS = ("test_rmse", "test_mae", "test_r2")
 # selections in the order a reader compares them; unknown ones follow alphabetically
 STRATEGY_ORDER = ("none", "random", "influence_top", "influence_bottom")
+METHOD_ORDER = ("full", "lora", "ia3", "bitfit")
 HIGHER_IS_BETTER_SUFFIXES = ("r2", "pearson", "spearman")
 
 
@@ -128,6 +129,26 @@ def paired_table(
     table = pd.DataFrame(rows, columns=columns)
     table["p_holm"] = holm_correction(table["p_value"].to_numpy(dtype=np.float64))
     return table
+
+
+def overview_table(cells: pd.DataFrame, metric: str = "test_rmse") -> pd.DataFrame:
+    """Strategies (and splitters) down, methods across, "mean ± std (n)" in each cell: the grid at a glance."""
+    _require_columns(cells, ["method", "strategy", "n", f"{metric}_mean", f"{metric}_std"])
+    cells = _with_split(cells)
+    rows = ["split", "strategy"] if cells["split"].nunique() > 1 else ["strategy"]
+    text = [
+        f"{mean:.3f} ({n})" if math.isnan(std) else f"{mean:.3f} ± {std:.3f} ({n})"
+        for mean, std, n in cells[[f"{metric}_mean", f"{metric}_std", "n"]].itertuples(index=False)
+    ]
+    table = cells.assign(_text=text).pivot(index=rows, columns="method", values="_text")
+    methods = [m for m in METHOD_ORDER if m in table.columns]
+    table = table[methods + sorted(set(table.columns) - set(methods))].fillna("")
+    table = table.reset_index()
+    order = table["strategy"].map(lambda s: _strategy_rank(s)[0])
+    sort_keys = [*rows[:-1], "_rank", "strategy"]
+    table = table.assign(_rank=order).sort_values(sort_keys, kind="stable").drop(columns="_rank")
+    table.columns.name = None
+    return table.reset_index(drop=True)
 
 
 def write_report(
@@ -353,6 +374,12 @@ def _markdown_report(
         "",
         f"Sweep directory: `{sweep_dir}`. {len(runs)} complete run(s), {cells['method'].nunique()} method(s), "
         f"{cells['strategy'].nunique()} strategy(ies), {cells['split'].nunique()} splitter(s).",
+        "",
+        f"## Overview ({metric})",
+        "",
+        f"{metric} mean ± std over seeds (number of runs).",
+        "",
+        _markdown_table(overview_table(cells, metric)),
         "",
         "## Cells",
         "",

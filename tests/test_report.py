@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from molft.io import DONE_MARKER
-from molft.report import cell_table, collect_runs, paired_table, write_report
+from molft.report import cell_table, collect_runs, overview_table, paired_table, write_report
 
 STRATEGIES = ("none", "random", "influence_top", "influence_bottom")
 SEEDS = (0, 1, 2)
@@ -280,3 +280,12 @@ def test_splitters_are_separate_cells_and_never_paired_across(tmp_path):
     assert paired["mean_diff"].iloc[0] == pytest.approx((-0.1 - 0.05 - 0.1) / 3)
     report = write_report(root, tmp_path / "report")["report"].read_text()
     assert "2 splitter(s)" in report and "| split | method | strategy | n |" in report
+
+
+def test_overview_puts_strategies_down_and_methods_across(sweep):
+    overview = overview_table(cell_table(collect_runs(sweep)))
+    assert list(overview.columns) == ["strategy", "full", "lora"]
+    assert overview["strategy"].tolist() == list(STRATEGIES)
+    row = overview.set_index("strategy").loc["influence_bottom"]
+    assert row["full"] == "0.803 ± 0.025 (3)"  # (0.80, 0.78, 0.83): mean 0.8033, sample std 0.0252
+    assert row["lora"] == "0.857 ± 0.021 (3)"
