@@ -376,8 +376,12 @@ def save_split(
     *,
     dataset_source: str,
     extra: dict[str, Any] | None = None,
+    similarity: dict[str, Any] | None = None,
 ) -> None:
-    """Write split.json: indices, molecules, parameters and the fingerprint of the dataset it belongs to."""
+    """Write split.json: indices, molecules, parameters and the fingerprint of the dataset it belongs to.
+
+    `similarity` is `split_similarity(df, split)` when the caller has it already (it is computed otherwise).
+    """
     smiles = df["canonical_smiles"].tolist()
     sizes = split.sizes
     record = {
@@ -393,7 +397,7 @@ def save_split(
         "dataset_fingerprint": dataset_fingerprint(smiles),
         "indices": {name: idx.tolist() for name, idx in split.indices().items()},
         "smiles": {name: [smiles[i] for i in idx] for name, idx in split.indices().items()},
-        "similarity": split_similarity(df, split),
+        "similarity": similarity if similarity is not None else split_similarity(df, split),
         "extra": extra or {},
     }
     write_json(path, record)

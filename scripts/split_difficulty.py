@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How hard is each splitter? Mean nearest-neighbour Tanimoto from test (and validation) to train.
 
-    python scripts/split_difficulty.py [--seed 42] [--dataset_name lipophilicity] [--save_dir DIR]
+    python scripts/split_difficulty.py [--seed 42] [--dataset_name lipophilicity | --train_file F] [--save_dir DIR]
 
 Lower similarity means test molecules look less like anything seen in training: a harder split.
 With --save_dir each split is also written as DIR/<method>.json, a split.json that
@@ -22,14 +22,19 @@ from molft.data import LABEL_CANDIDATES, SMILES_CANDIDATES, find_column, load_ra
 from molft.splits import SPLIT_METHODS, make_split, save_split, split_similarity  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset_name", default="lipophilicity", help="dataset, as for run_regression.py")
+    parser.add_argument(
+        "--train_file", help="a local csv/tsv/json/parquet to split instead (SMILES and label)"
+    )
     parser.add_argument("--seed", type=int, default=42, help="split seed")
     parser.add_argument("--save_dir", type=Path, help="also write each split here as <method>.json")
-    args = parser.parse_args()
-    raw = load_raw_dataset(args.dataset_name)
-    frame = raw.frames["all"]
+    args = parser.parse_args(argv)
+    raw = load_raw_dataset(None if args.train_file else args.dataset_name, train_file=args.train_file)
+    frame = raw.frames["all"] if "all" in raw.frames else raw.frames["train"]
     df = prepare_molecules(
         frame,
         find_column(frame, None, SMILES_CANDIDATES, "SMILES", raw.source),
@@ -44,7 +49,9 @@ def main() -> None:
         split = make_split(df, method, seed=args.seed)
         similarity = split_similarity(df, split)
         if args.save_dir is not None:
-            save_split(args.save_dir / f"{method}.json", df, split, dataset_source=raw.source)
+            save_split(
+                args.save_dir / f"{method}.json", df, split, dataset_source=raw.source, similarity=similarity
+            )
         sizes = "/".join(str(n) for n in split.sizes.values())
         print(
             f"{method:<18}{sizes:>18}{similarity['test_to_train']['mean']:>13.3f}"
