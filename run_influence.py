@@ -320,7 +320,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
     # Inputs, each checked before anything slow runs
     checkpoint_kind = check_regression_checkpoint(model_args.model_name_or_path)
-    data_args.split_file = data_args.split_file or default_split_file(model_args.model_name_or_path)
+    data_args.use_model_split(model_args.model_name_or_path, required=True)
     frames = data_args.load_frames()
     pool = load_candidate_pool(pool_args)
     warn_about_query_split(influence_args.query_split)
@@ -530,17 +530,6 @@ def checkpoint_weight_names(path: Path) -> list[str]:
         with safe_open(str(single), framework="pt") as handle:
             return list(handle.keys())
     raise ValueError(f"{path} has no model.safetensors weights.")
-
-
-def default_split_file(model_path: str) -> str:
-    candidate = Path(model_path) / "split.json"
-    if not candidate.is_file():
-        raise FileNotFoundError(
-            f"No --split_file given and {candidate} does not exist: pass the split.json of the run that "
-            "trained this model, so training, query and test molecules are the run's own."
-        )
-    logger.info("Using the model's split %s.", candidate)
-    return str(candidate)
 
 
 def load_candidate_pool(pool_args: PoolArguments) -> pd.DataFrame:

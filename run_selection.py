@@ -256,7 +256,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     selection_args, pool_args, data_args, model_args, output_args = parse_args(ARGUMENT_TYPES, args)
     setup_logging(log_level(output_args.log_level))
     params = strategy_options(selection_args)
-    default_split_file(data_args, model_args)
+    data_args.use_model_split(model_args.model_name_or_path, required=False)
     validate_arguments(selection_args, params, pool_args, data_args, model_args, output_args)
     output_dir = prepare_output_dir(output_args.output_dir, output_args.overwrite_output_dir, "selection")
     started = time.perf_counter()
@@ -348,16 +348,6 @@ def strategy_options(selection_args: SelectionArguments) -> dict[str, Any]:
         else:
             logger.warning("--%s is not used by strategy %r; ignoring it.", option, strategy)
     return params
-
-
-def default_split_file(data_args: RunDataArguments, model_args: ModelArguments) -> None:
-    """Use the split.json that run_regression.py wrote next to the model, unless one was given."""
-    if data_args.split_file or not model_args.model_name_or_path:
-        return
-    candidate = Path(model_args.model_name_or_path) / "split.json"
-    if candidate.is_file():
-        logger.info("Using the model's split %s (pass --split_file to choose another).", candidate)
-        data_args.split_file = str(candidate)
 
 
 def needs_pool_labels(strategy: str) -> bool:

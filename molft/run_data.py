@@ -7,11 +7,15 @@ options (and so their config files) identical.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
 from molft.splits import load_run_frames
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +39,24 @@ class RunDataArguments:
     smiles_column: str | None = field(default=None, metadata={"help": "The run's --smiles_column."})
     label_column: str | None = field(default=None, metadata={"help": "The run's --label_column."})
     strict_smiles: bool = field(default=False, metadata={"help": "The run's --strict_smiles."})
+
+    def use_model_split(self, model_name_or_path: str | None, required: bool) -> None:
+        """Without --split_file, take the split.json that run_regression.py wrote beside the model.
+
+        `required`: a missing file is an error (influence has no meaning without the run's training set);
+        otherwise the split stays unset and the caller does without one.
+        """
+        if self.split_file:
+            return
+        candidate = Path(model_name_or_path) / "split.json" if model_name_or_path else None
+        if candidate is not None and candidate.is_file():
+            logger.info("Using the model's split %s (pass --split_file to choose another).", candidate)
+            self.split_file = str(candidate)
+        elif required:
+            raise FileNotFoundError(
+                f"No --split_file given and {candidate or 'no model'} holds no split.json: pass the split.json "
+                "of the run that trained this model, so training, query and test molecules are the run's own."
+            )
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
         """The run's train/validation/test frames; `split_file` must be set."""

@@ -47,3 +47,21 @@ def test_load_frames_refuses_other_data(run_files, tmp_path):
 def test_load_frames_needs_a_split_file():
     with pytest.raises(ValueError, match="--split_file"):
         RunDataArguments().load_frames()
+
+
+def test_use_model_split_takes_the_runs_own_file(run_files, tmp_path):
+    _, split_file, _, _ = run_files  # written into tmp_path, as run_regression.py writes it beside the model
+    args = RunDataArguments()
+    args.use_model_split(str(tmp_path), required=True)
+    assert args.split_file == str(split_file)
+    given = RunDataArguments(split_file="elsewhere/split.json")
+    given.use_model_split(str(tmp_path), required=True)
+    assert given.split_file == "elsewhere/split.json"
+
+
+def test_use_model_split_without_a_file(tmp_path):
+    optional = RunDataArguments()
+    optional.use_model_split(str(tmp_path), required=False)
+    assert optional.split_file is None
+    with pytest.raises(FileNotFoundError, match="holds no split.json"):
+        RunDataArguments().use_model_split(str(tmp_path), required=True)
