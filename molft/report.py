@@ -151,6 +151,27 @@ def overview_table(cells: pd.DataFrame, metric: str = "test_rmse") -> pd.DataFra
     return table.reset_index(drop=True)
 
 
+def paired_overview(paired: pd.DataFrame) -> pd.DataFrame:
+    """Comparisons down, methods across, "difference [95% CI] p" in each cell (Holm-adjusted p in the CSV)."""
+    stats = ["n_pairs", "mean_diff", "ci_low", "ci_high", "p_value"]
+    _require_columns(paired, ["method", "comparison", "baseline", *stats])
+    paired = _with_split(paired)
+    text = [
+        f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] p={_fmt(p)} (n={int(n)})" if n else "no pairs"
+        for n, diff, low, high, p in paired[stats].fillna({"n_pairs": 0}).itertuples(index=False)
+    ]
+    rows = ["split", "comparison"] if paired["split"].nunique() > 1 else ["comparison"]
+    labelled = paired.assign(comparison=paired["comparison"] + " − " + paired["baseline"], _text=text)
+    order = {label: i for i, label in enumerate(dict.fromkeys(labelled["comparison"]))}
+    table = labelled.pivot(index=rows, columns="method", values="_text")
+    methods = [m for m in METHOD_ORDER if m in table.columns]
+    table = table[methods + sorted(set(table.columns) - set(methods))].fillna("").reset_index()
+    table = table.assign(_rank=table["comparison"].map(order))
+    table = table.sort_values([*rows[:-1], "_rank"], kind="stable").drop(columns="_rank")
+    table.columns.name = None
+    return table.reset_index(drop=True)
+
+
 def write_report(
     sweep_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -394,9 +415,15 @@ def _markdown_report(
         f"interval on the differences and p-values come from the {test_sentence}; p_holm is Holm-adjusted "
         f"over all {len(paired)} comparisons. n_dropped counts runs without a matching partner.",
         "",
-        _markdown_table(paired if several_splits else paired.drop(columns="split"))
+        _markdown_table(paired_overview(paired))
         if not paired.empty
         else "No comparison had its baseline present.",
+        "",
+        "All columns:",
+        "",
+        _markdown_table(paired if several_splits else paired.drop(columns="split"))
+        if not paired.empty
+        else "",
         "",
         "## Figures",
         "",

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from molft.io import DONE_MARKER
-from molft.report import cell_table, collect_runs, overview_table, paired_table, write_report
+from molft.report import cell_table, collect_runs, overview_table, paired_overview, paired_table, write_report
 
 STRATEGIES = ("none", "random", "influence_top", "influence_bottom")
 SEEDS = (0, 1, 2)
@@ -289,3 +289,12 @@ def test_overview_puts_strategies_down_and_methods_across(sweep):
     row = overview.set_index("strategy").loc["influence_bottom"]
     assert row["full"] == "0.803 ± 0.025 (3)"  # (0.80, 0.78, 0.83): mean 0.8033, sample std 0.0252
     assert row["lora"] == "0.857 ± 0.021 (3)"
+
+
+def test_paired_overview_puts_comparisons_down_and_methods_across(sweep):
+    overview = paired_overview(paired_table(collect_runs(sweep))).set_index("comparison")
+    assert list(overview.columns) == ["full", "lora"]
+    assert overview.index[0] == "random − none" and overview.index[-1] == "influence_top − influence_bottom"
+    # full: top (0.695, 0.70, 0.69) − none (0.70, 0.72, 0.68) = (−0.005, −0.02, +0.01); sd 0.015,
+    # t(0.975, 2) · 0.015 / √3 = 0.0373; Wilcoxon W+ = 2 of ranks 1..3, exact two-sided p = 6/8
+    assert overview.loc["influence_top − none", "full"] == "-0.005 [-0.042, +0.032] p=0.75 (n=3)"
