@@ -157,12 +157,17 @@ def paired_overview(paired: pd.DataFrame) -> pd.DataFrame:
     _require_columns(paired, ["method", "comparison", "baseline", *stats])
     paired = _with_split(paired)
     text = [
-        f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] p={_fmt(p)} (n={int(n)})" if n else "no pairs"
+        _paired_cell(int(n), diff, low, high, p)
         for n, diff, low, high, p in paired[stats].fillna({"n_pairs": 0}).itertuples(index=False)
     ]
     rows = ["split", "comparison"] if paired["split"].nunique() > 1 else ["comparison"]
+    # against none, then random, then top vs bottom; strategies in their usual order within each
+    rank = {
+        f"{comparison} − {baseline}": (_strategy_rank(baseline), _strategy_rank(comparison))
+        for comparison, baseline in paired[["comparison", "baseline"]].itertuples(index=False)
+    }
+    order = {label: i for i, label in enumerate(sorted(rank, key=rank.get))}
     labelled = paired.assign(comparison=paired["comparison"] + " − " + paired["baseline"], _text=text)
-    order = {label: i for i, label in enumerate(dict.fromkeys(labelled["comparison"]))}
     table = labelled.pivot(index=rows, columns="method", values="_text")
     methods = [m for m in METHOD_ORDER if m in table.columns]
     table = table[methods + sorted(set(table.columns) - set(methods))].fillna("").reset_index()
@@ -170,6 +175,14 @@ def paired_overview(paired: pd.DataFrame) -> pd.DataFrame:
     table = table.sort_values([*rows[:-1], "_rank"], kind="stable").drop(columns="_rank")
     table.columns.name = None
     return table.reset_index(drop=True)
+
+
+def _paired_cell(n: int, diff: float, low: float, high: float, p: float) -> str:
+    if n == 0:
+        return "no pairs"
+    if n == 1:
+        return f"{diff:+.3f} (n=1)"
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] p={_fmt(p)} (n={n})"
 
 
 def write_report(

@@ -298,3 +298,20 @@ def test_paired_overview_puts_comparisons_down_and_methods_across(sweep):
     # full: top (0.695, 0.70, 0.69) − none (0.70, 0.72, 0.68) = (−0.005, −0.02, +0.01); sd 0.015,
     # t(0.975, 2) · 0.015 / √3 = 0.0373; Wilcoxon W+ = 2 of ranks 1..3, exact two-sided p = 6/8
     assert overview.loc["influence_top − none", "full"] == "-0.005 [-0.042, +0.032] p=0.75 (n=3)"
+
+
+def test_paired_overview_cells_without_an_interval():
+    paired = pd.DataFrame(
+        {
+            "method": ["full", "full"],
+            "comparison": ["random", "influence_top"],
+            "baseline": ["none", "none"],
+            "n_pairs": [1, 0],
+            "mean_diff": [0.0123, math.nan],
+            "ci_low": [math.nan, math.nan],
+            "ci_high": [math.nan, math.nan],
+            "p_value": [math.nan, math.nan],
+        }
+    )
+    overview = paired_overview(paired).set_index("comparison")["full"]
+    assert overview.to_dict() == {"random − none": "+0.012 (n=1)", "influence_top − none": "no pairs"}
