@@ -346,10 +346,13 @@ def _with_split(runs: pd.DataFrame) -> pd.DataFrame:
 def _sort_cells(frame: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
     frame = _with_split(frame)
     rank = frame["strategy"].map(lambda s: _strategy_rank(s)[0])
-    ordered = frame.assign(_rank=rank).sort_values(
-        ["split", "method", "_rank", "strategy", *extra], kind="stable"
+    method_rank = frame["method"].map(
+        lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
     )
-    return ordered.drop(columns="_rank").reset_index(drop=True)
+    ordered = frame.assign(_rank=rank, _method_rank=method_rank).sort_values(
+        ["split", "_method_rank", "method", "_rank", "strategy", *extra], kind="stable"
+    )
+    return ordered.drop(columns=["_rank", "_method_rank"]).reset_index(drop=True)
 
 
 def _write_figures(cells: pd.DataFrame, metric: str, out_dir: Path) -> dict[str, Path]:
