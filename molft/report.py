@@ -32,7 +32,7 @@ COST_COLUMNS = ("trainable_params", "total_params", "trainable_share", "train_wa
 DEFAULT_METRICS = ("test_rmse", "test_mae", "test_r2")
 # selections in the order a reader compares them; unknown ones follow alphabetically
 STRATEGY_ORDER = ("none", "random", "influence_top", "influence_bottom")
-METHOD_ORDER = ("full", "lora", "ia3", "bitfit")
+METHOD_ORDER = ("full", "lora", "ia3", "bitfit", "pooled")
 HIGHER_IS_BETTER_SUFFIXES = ("r2", "pearson", "spearman")
 
 
@@ -151,6 +151,24 @@ def overview_table(cells: pd.DataFrame, metric: str = "test_rmse") -> pd.DataFra
     return table.reset_index(drop=True)
 
 
+def pooled_paired_table(
+    runs: pd.DataFrame, metric: str = "test_rmse", test: PairedTest = "wilcoxon"
+) -> pd.DataFrame:
+    """The paired comparisons with every method's runs as further pairs (method "pooled").
+
+    Three seeds per cell cannot give a Wilcoxon p below 0.25; pooling the methods (each pair still within
+    one method and seed) asks whether a strategy helps fine-tuning in general, with four times the pairs.
+    Only strategies every pooled method has are compared, so no method's pairs are silently missing.
+    """
+    _require_columns(runs, ["method", "strategy", "seed", metric])
+    runs = _with_split(runs)
+    common = set.intersection(*(set(group["strategy"]) for _, group in runs.groupby(["split", "method"])))
+    pooled = runs[runs["strategy"].isin(common)].assign(
+        seed=runs["method"].astype(str) + ":" + runs["seed"].astype(str), method="pooled"
+    )
+    return paired_table(pooled, metric, test)
+
+
 def paired_overview(paired: pd.DataFrame) -> pd.DataFrame:
     """Comparisons down, methods across, "difference [95% CI] p" in each cell (Holm-adjusted p in the CSV)."""
     stats = ["n_pairs", "mean_diff", "ci_low", "ci_high", "p_value"]
@@ -200,6 +218,9 @@ def write_report(
     metrics = [metric] + [m for m in DEFAULT_METRICS if m != metric and m in runs]
     cells = cell_table(runs, metrics)
     paired = paired_table(runs, metric, test)
+    if runs["method"].nunique() > 1:
+        paired = pd.concat([paired, pooled_paired_table(runs, metric, test)], ignore_index=True)
+        paired["p_holm"] = holm_correction(paired["p_value"].to_numpy(dtype=np.float64))
 
     paths = {
         "runs": out_dir / "runs.csv",
@@ -429,7 +450,13 @@ def _markdown_report(
         f"Each row gives `comparison − baseline` in {metric} over runs of the same method matched on {keys}; "
         f"{sign} differences mean {better} {metric}, which is better. The interval is a 95% Student-t "
         f"interval on the differences and p-values come from the {test_sentence}; p_holm is Holm-adjusted "
-        f"over all {len(paired)} comparisons. n_dropped counts runs without a matching partner.",
+        f"over all {len(paired)} comparisons. n_dropped counts runs without a matching partner."
+        + (
+            " The `pooled` column takes every method's runs as pairs (each pair within one method and seed), "
+            "for the strategies all methods have."
+            if (paired["method"] == "pooled").any()
+            else ""
+        ),
         "",
         _markdown_table(paired_overview(paired))
         if not paired.empty

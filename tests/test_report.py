@@ -11,7 +11,15 @@ import pytest
 from scipy import stats
 
 from molft.io import DONE_MARKER
-from molft.report import cell_table, collect_runs, overview_table, paired_overview, paired_table, write_report
+from molft.report import (
+    cell_table,
+    collect_runs,
+    overview_table,
+    paired_overview,
+    paired_table,
+    pooled_paired_table,
+    write_report,
+)
 
 STRATEGIES = ("none", "random", "influence_top", "influence_bottom")
 SEEDS = (0, 1, 2)
@@ -216,7 +224,7 @@ def test_write_report(sweep, tmp_path):
     cells = pd.read_csv(paths["cells"])
     assert len(cells) == 8
     assert _row(cells, method="full", strategy="none")["test_rmse_mean"] == pytest.approx(0.70)
-    assert len(pd.read_csv(paths["paired"])) == 12
+    assert len(pd.read_csv(paths["paired"])) == 12 + 6  # 6 per method, and 6 pooled over both
     report = paths["report"].read_text()
     assert "Wilcoxon signed-rank" in report
     assert "negative differences mean lower test_rmse, which is better" in report
@@ -315,3 +323,19 @@ def test_paired_overview_cells_without_an_interval():
     )
     overview = paired_overview(paired).set_index("comparison")["full"]
     assert overview.to_dict() == {"random − none": "+0.012 (n=1)", "influence_top − none": "no pairs"}
+
+
+def test_pooled_comparisons_pair_within_method_and_seed(sweep):
+    pooled = pooled_paired_table(collect_runs(sweep), test="ttest")
+    row = _row(pooled, comparison="influence_top", baseline="none")
+    assert row["method"] == "pooled" and row["n_pairs"] == 6
+    diffs = [
+        a - b
+        for m in ("full", "lora")
+        for a, b in zip(RMSE[(m, "influence_top")], RMSE[(m, "none")], strict=True)
+    ]
+    assert row["mean_diff"] == pytest.approx(sum(diffs) / 6)
+    assert row["p_value"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    paired = pd.read_csv(write_report(sweep, sweep / "out")["paired"])
+    assert set(paired["method"]) == {"full", "lora", "pooled"}
+    assert paired["p_holm"].max() <= 1.0 and len(paired) == 3 * 6  # 6 comparisons for each of 3 columns
