@@ -140,10 +140,7 @@ def overview_table(cells: pd.DataFrame, metric: str = "test_rmse") -> pd.DataFra
         f"{mean:.3f} ({n})" if math.isnan(std) else f"{mean:.3f} ± {std:.3f} ({n})"
         for mean, std, n in cells[[f"{metric}_mean", f"{metric}_std", "n"]].itertuples(index=False)
     ]
-    table = cells.assign(_text=text).pivot(index=rows, columns="method", values="_text")
-    methods = [m for m in METHOD_ORDER if m in table.columns]
-    table = table[methods + sorted(set(table.columns) - set(methods))].fillna("")
-    table = table.reset_index()
+    table = _methods_across(cells.assign(_text=text).pivot(index=rows, columns="method", values="_text"))
     order = table["strategy"].map(lambda s: _strategy_rank(s)[0])
     sort_keys = [*rows[:-1], "_rank", "strategy"]
     table = table.assign(_rank=order).sort_values(sort_keys, kind="stable").drop(columns="_rank")
@@ -186,9 +183,7 @@ def paired_overview(paired: pd.DataFrame) -> pd.DataFrame:
     }
     order = {label: i for i, label in enumerate(sorted(rank, key=rank.get))}
     labelled = paired.assign(comparison=paired["comparison"] + " − " + paired["baseline"], _text=text)
-    table = labelled.pivot(index=rows, columns="method", values="_text")
-    methods = [m for m in METHOD_ORDER if m in table.columns]
-    table = table[methods + sorted(set(table.columns) - set(methods))].fillna("").reset_index()
+    table = _methods_across(labelled.pivot(index=rows, columns="method", values="_text"))
     table = table.assign(_rank=table["comparison"].map(order))
     table = table.sort_values([*rows[:-1], "_rank"], kind="stable").drop(columns="_rank")
     table.columns.name = None
@@ -359,6 +354,16 @@ def _strategy_rank(strategy: str) -> tuple[int, str]:
     return len(STRATEGY_ORDER), strategy
 
 
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _methods_across(pivoted: pd.DataFrame) -> pd.DataFrame:
+    """A pivot with one column per method, known methods first, its index back as columns; gaps empty."""
+    columns = sorted(pivoted.columns, key=lambda m: (_method_rank(m), m))
+    return pivoted[columns].fillna("").reset_index()
+
+
 def _with_split(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs tables built by hand (or by older versions) may lack the split column: one unnamed split."""
     return runs if "split" in runs else runs.assign(split=UNRECORDED_SPLIT)
@@ -367,9 +372,7 @@ def _with_split(runs: pd.DataFrame) -> pd.DataFrame:
 def _sort_cells(frame: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
     frame = _with_split(frame)
     rank = frame["strategy"].map(lambda s: _strategy_rank(s)[0])
-    method_rank = frame["method"].map(
-        lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
-    )
+    method_rank = frame["method"].map(_method_rank)
     ordered = frame.assign(_rank=rank, _method_rank=method_rank).sort_values(
         ["split", "_method_rank", "method", "_rank", "strategy", *extra], kind="stable"
     )
