@@ -6,12 +6,19 @@ import sys
 from pathlib import Path
 from unittest.mock import patch
 
+import pandas as pd
 import pytest
 import torch
 
 import run_regression
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "molformer-tiny.json"
+
+
+def head_copy(source: Path, target: Path, n_rows: int) -> Path:
+    """The first `n_rows` of a shared csv, so script tests run on a slice of the real file."""
+    pd.read_csv(source, nrows=n_rows).to_csv(target, index=False)
+    return target
 
 
 def train_tiny_regression(train_file: Path, run_dir: Path, *extra: str) -> Path:

@@ -14,7 +14,7 @@ import pytest
 import scipy.stats
 import torch
 import yaml
-from helpers import single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
+from helpers import head_copy, single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
 from torch import nn
 
 import run_influence
@@ -58,10 +58,8 @@ class Runs(NamedTuple):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir) -> Runs:
     tmp = tmp_path_factory.mktemp("influence")
-    train_file = tmp / "lipophilicity_150.csv"
-    pd.read_csv(data_dir / "lipophilicity.csv", nrows=N_DATASET).to_csv(train_file, index=False)
-    pool_file = tmp / "pool.csv"
-    pd.read_csv(data_dir / "external_300.csv", nrows=N_POOL).to_csv(pool_file, index=False)
+    train_file = head_copy(data_dir / "lipophilicity.csv", tmp / "lipophilicity_150.csv", N_DATASET)
+    pool_file = head_copy(data_dir / "external_300.csv", tmp / "pool.csv", N_POOL)
     full = train_tiny_regression(train_file, tmp / "full")
     lora = train_tiny_regression(train_file, tmp / "lora", "--peft", "lora", "--save_strategy", "no")
     return Runs(full, lora, train_file, pool_file, tmp)

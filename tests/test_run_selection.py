@@ -11,7 +11,7 @@ from unittest.mock import patch
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
+from helpers import head_copy, single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
 from rdkit import DataStructs
 from transformers import AutoTokenizer
 
@@ -43,10 +43,8 @@ class TrainedRun(NamedTuple):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir) -> TrainedRun:
     tmp = tmp_path_factory.mktemp("selection")
-    train_file = tmp / "lipophilicity_150.csv"
-    pd.read_csv(data_dir / "lipophilicity.csv", nrows=N_DATASET).to_csv(train_file, index=False)
-    pool_file = tmp / "pool.csv"
-    pd.read_csv(data_dir / "external_300.csv", nrows=N_POOL).to_csv(pool_file, index=False)
+    train_file = head_copy(data_dir / "lipophilicity.csv", tmp / "lipophilicity_150.csv", N_DATASET)
+    pool_file = head_copy(data_dir / "external_300.csv", tmp / "pool.csv", N_POOL)
     run_dir = train_tiny_model(train_file, tmp / "run")
     split = read_json(run_dir / "split.json")
     heldout_smiles = set(split["smiles"]["validation"]) | set(split["smiles"]["test"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import head_copy
 
 from molft.data import prepare_molecules
 from molft.io import read_json
@@ -27,8 +28,7 @@ def _script():
 
 @pytest.mark.skipif(not SHARED_LIPOPHILICITY.is_file(), reason="needs ../shared/data/lipophilicity.csv")
 def test_saved_splits_reload_and_match_the_printed_table(tmp_path, capsys):
-    data = tmp_path / "lipo_120.csv"
-    pd.read_csv(SHARED_LIPOPHILICITY, nrows=120).to_csv(data, index=False)
+    data = head_copy(SHARED_LIPOPHILICITY, tmp_path / "lipo_120.csv", 120)
     _script().main(["--train_file", str(data), "--seed", "3", "--save_dir", str(tmp_path / "splits")])
     printed = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
     methods = [m for m in SPLIT_METHODS if m != "predefined"]
