@@ -663,8 +663,6 @@ def load_and_split(
         test_file=data_args.test_file,
         dataset_config_name=data_args.dataset_config_name,
     )
-    if set(raw.frames) == {"train"}:  # one file: split it like an unsplit dataset
-        raw.frames = {"all": raw.frames["train"]}
     prepared = {}
     for name, frame in raw.frames.items():
         source = f"{raw.source} [{name}]"

@@ -136,6 +136,9 @@ def load_raw_dataset(
     if files:
         frames = {split: read_table(path) for split, path in files.items()}
         source = ", ".join(f"{split}={path}" for split, path in files.items())
+        # one file is a dataset still to be split, like a single-split Hub upload
+        if set(frames) == {"train"}:
+            frames = {"all": frames["train"]}
         return RawData(frames=frames, source=f"files ({source})")
     if not dataset_name:
         raise ValueError("No data given: set dataset_name (e.g. 'lipophilicity') or train_file.")

@@ -468,8 +468,6 @@ def load_run_frames(
         test_file=test_file,
         dataset_config_name=dataset_config_name,
     )
-    if set(raw.frames) == {"train"}:  # one file: run_regression.py split it itself
-        raw.frames = {"all": raw.frames["train"]}
     names = ["all"] if "all" in raw.frames else list(SPLIT_NAMES)
     missing = [name for name in names if name not in raw.frames]
     if missing:

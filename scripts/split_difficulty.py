@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save_dir", type=Path, help="also write each split here as <method>.json")
     args = parser.parse_args(argv)
     raw = load_raw_dataset(None if args.train_file else args.dataset_name, train_file=args.train_file)
-    frame = raw.frames["all"] if "all" in raw.frames else raw.frames["train"]
+    frame = raw.frames["all"]
     df = prepare_molecules(
         frame,
         find_column(frame, None, SMILES_CANDIDATES, "SMILES", raw.source),

@@ -260,6 +260,10 @@ def test_load_raw_dataset_from_files(tmp_path):
     assert raw.is_presplit
     assert raw.frames["test"]["smiles"].tolist() == ["CCN", "CCC"]
     assert "train.csv" in raw.source and "test.jsonl" in raw.source
+    # a lone train file is a dataset still to be split, whichever script reads it
+    alone = load_raw_dataset(None, train_file=tmp_path / "train.csv")
+    assert list(alone.frames) == ["all"] and not alone.is_presplit
+    assert alone.frames["all"]["smiles"].tolist() == ["CCO"]
 
 
 def test_load_raw_dataset_rejects_ambiguous_or_missing_input(tmp_path):
