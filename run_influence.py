@@ -1338,9 +1338,6 @@ def log_result(scores_frame: pd.DataFrame, summary: dict[str, Any]) -> None:
     logger.info("Most helpful molecules:\n%s", best.to_string(index=False))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def frame_batches(
     frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int
@@ -1353,3 +1350,7 @@ def frame_batches(
         max_length,
         labels=frame["label"].to_numpy(),
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-DONE_MARKER = "run_complete.json"
+from molft.files import DONE_MARKER  # noqa: E402,F401  re-exported
 
 
 @contextmanager
