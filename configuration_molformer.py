@@ -111,7 +111,9 @@ class MolformerConfig(PretrainedConfig):
                 f"({self.num_attention_heads})."
             )
         if self.feature_map_kernel != "relu":
-            raise ValueError(f"Only the 'relu' feature map kernel exists in MoLFormer, got {self.feature_map_kernel!r}.")
+            raise ValueError(
+                f"Only the 'relu' feature map kernel exists in MoLFormer, got {self.feature_map_kernel!r}."
+            )
         checks = {
             "feature_map_redraw": (self.feature_map_redraw, FEATURE_MAP_REDRAW_MODES),
             "regression_head": (self.regression_head, REGRESSION_HEADS),

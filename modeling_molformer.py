@@ -84,7 +84,9 @@ class MolformerFeatureMap(nn.Module):
 class MolformerEmbeddings(nn.Module):
     def __init__(self, config: MolformerConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
         self.dropout = nn.Dropout(config.embedding_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None):
@@ -198,7 +200,9 @@ class MolformerEncoder(nn.Module):
         all_hidden = (hidden_states,) if output_hidden_states else None
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(layer, hidden_states, attention_mask, cos, sin)
+                hidden_states = self._gradient_checkpointing_func(
+                    layer, hidden_states, attention_mask, cos, sin
+                )
             else:
                 hidden_states = layer(hidden_states, attention_mask, cos, sin)
             if output_hidden_states:
@@ -217,7 +221,9 @@ class MolformerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, MolformerFeatureMap) and not getattr(module.weight, "_is_hf_initialized", False):
+        if isinstance(module, MolformerFeatureMap) and not getattr(
+            module.weight, "_is_hf_initialized", False
+        ):
             module.weight.copy_(
                 orthogonal_random_features(module.head_dim, module.num_features, module.weight.device)
             )

@@ -180,7 +180,9 @@ class MolformerForRegression(MolformerPreTrainedModel):
                     max_length=max_length,
                     return_tensors="pt",
                 )
-                out = self(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                out = self(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                )
                 predictions.append(out.logits.view(-1).float().cpu())
         finally:
             self.train(was_training)

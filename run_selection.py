@@ -14,7 +14,7 @@ run's validation or test split are reported and left out (adding them would leak
 Writes `selected.csv` (columns rank, index, smiles, label, score; what `run_regression.py
 --extra_train_file` reads), `manifest.json` (strategy, parameters, seed, chosen pool indices, pool
 fingerprint, held-out overlap), optionally `merged_train.csv`, the shift diagnostics `shift_report.json`
-and `shift_diagnostics.png`, then `run_complete.json` last.
+and `shift_diagnostics.png`, then `run_complete.json` last (the names of `molft.files`).
 """
 
 from __future__ import annotations
@@ -23,53 +23,38 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer
-
-import modeling_molformer_reg  # noqa: F401  registers MoLFormer with the Auto classes
-import tokenization_molformer  # noqa: F401  registers the tokenizer with AutoTokenizer
-from molft import plots
+from molft.arguments import OutputArguments, PoolArguments, RunModelArguments
 from molft.cli import log_level, parse_args, setup_logging
-from molft.data import (
-    dataset_fingerprint,
-    read_table,
-)
-from molft.io import mark_done, prepare_output_dir, write_json
-from molft.model_utils import embed_batches, smiles_batches
-from molft.peft_setup import load_regression_checkpoint
+from molft.files import INFLUENCE_SCORES_FILE, MERGED_TRAIN_FILE, SELECTED_FILE
+from molft.io import mark_done, prepare_output_dir
 from molft.run_data import RunDataArguments
 from molft.selection import (
-    Selection,
-    SelectionPool,
+    VALUATION_STRATEGIES,
     available_strategies,
-    check_scores_match_pool,
+    candidate_positions,
+    heldout_overlap,
     load_pool,
-    mc_dropout_predictions,
     merge_selected_into_train,
-    resolve_budget,
+    model_arrays,
+    pool_budget,
+    read_influence_scores,
+    run_manifest,
     select,
-    selection_manifest,
+    selection_pool,
     strategy_parameters,
     write_selection,
 )
-from molft.shift import format_shift_report, shift_report
-from molft.splits import SPLIT_NAMES
+from molft.shift import shift_diagnostics
 
 logger = logging.getLogger(__name__)
-
-VALUATION_STRATEGIES = ("knn_shapley", "ts_dshapley")
-SHIFT_REPORT_FILE = "shift_report.json"
-SHIFT_PLOT_FILE = "shift_diagnostics.png"
 
 
 @dataclass
 class SelectionArguments:
+    """The strategy, its budget and options, and the inputs it is computed from."""
+
     strategy: str = field(
         metadata={
             "help": "influence (needs --scores_file) | random | uncertainty (MC-dropout variance; needs "
@@ -146,6 +131,15 @@ class SelectionArguments:
     ts_prune_chunk_size: int | None = field(
         default=None, metadata={"help": "ts_dshapley prune: molecules dropped per step (default 5%%)."}
     )
+    scores_file: str | None = field(
+        default=None,
+        metadata={
+            "help": f"influence: run_influence.py's {INFLUENCE_SCORES_FILE} for this very pool "
+            "(negative score = helpful); checked molecule by molecule."
+        },
+    )
+    n_passes: int = field(default=20, metadata={"help": "uncertainty: MC-dropout passes."})
+    batch_size: int = field(default=64, metadata={"help": "Molecules per forward pass."})
 
 
 # CLI option -> parameter name of the strategy functions in molft.selection
@@ -170,69 +164,13 @@ STRATEGY_OPTIONS = {
 
 
 @dataclass
-class PoolArguments:
-    external_file: str = field(
-        metadata={"help": "The external pool: csv/tsv/json/jsonl/parquet with SMILES and (usually) labels."}
-    )
-    external_smiles_column: str | None = field(
-        default=None, metadata={"help": "SMILES column of the pool (default: found by name)."}
-    )
-    external_label_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "Label column of the pool (default: found by name; a pool without labels "
-            "can still be ranked, but not added to training)."
-        },
-    )
-    scores_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "influence: run_influence.py's influence_scores.csv for this very pool "
-            "(negative score = helpful); checked molecule by molecule."
-        },
-    )
-    keep_heldout_overlap: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep pool molecules that are in the validation/test split as candidates "
-            "(default: report and exclude them; selecting them leaks evaluation data)."
-        },
-    )
+class ResultArguments:
+    """What is written besides the selection itself."""
 
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A run_regression.py output folder (full model or peft adapter). Needed for "
-            "uncertainty, kmeans diversity, knn_shapley, ts_dshapley and the embedding MMD."
-        },
-    )
-    base_model: str | None = field(
-        default=None, metadata={"help": "Base model of an adapter, if not where the adapter says."}
-    )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer (default: the one saved with the model)."}
-    )
-    n_passes: int = field(default=20, metadata={"help": "uncertainty: MC-dropout passes."})
-    batch_size: int = field(default=64, metadata={"help": "Molecules per forward pass."})
-    max_seq_length: int = field(default=202, metadata={"help": "Longer SMILES are truncated (and reported)."})
-    device: str = field(
-        default="auto", metadata={"help": "auto (CUDA when available) | cpu | cuda | cuda:N."}
-    )
-
-
-@dataclass
-class OutputArguments:
-    output_dir: str = field(metadata={"help": "Where selected.csv, manifest.json and the diagnostics go."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Redo a selection whose output_dir is already complete."}
-    )
     write_merged_train: bool = field(
         default=False,
         metadata={
-            "help": "Also write merged_train.csv: the training split plus the chosen molecules, "
+            "help": f"Also write {MERGED_TRAIN_FILE}: the training split plus the chosen molecules, "
             "with a source column (train/external)."
         },
     )
@@ -244,20 +182,26 @@ class OutputArguments:
         },
     )
     mmd_permutations: int = field(default=1000, metadata={"help": "Permutations of the MMD test."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
-    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error."})
 
 
-ARGUMENT_TYPES = (SelectionArguments, PoolArguments, RunDataArguments, ModelArguments, OutputArguments)
+ARGUMENT_TYPES = (
+    SelectionArguments,
+    PoolArguments,
+    RunDataArguments,
+    RunModelArguments,
+    OutputArguments,
+    ResultArguments,
+)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Run one selection and return its manifest (also written to manifest.json)."""
-    selection_args, pool_args, data_args, model_args, output_args = parse_args(ARGUMENT_TYPES, args)
+    """Run one selection and return its manifest (also written to the output folder)."""
+    arguments = parse_args(ARGUMENT_TYPES, args)
+    selection_args, pool_args, data_args, model_args, output_args, result_args = arguments
     setup_logging(log_level(output_args.log_level))
     params = strategy_options(selection_args)
     data_args.use_model_split(model_args.model_name_or_path, required=False)
-    validate_arguments(selection_args, params, pool_args, data_args, model_args, output_args)
+    validate_arguments(selection_args, params, data_args, model_args, result_args)
     output_dir = prepare_output_dir(output_args.output_dir, output_args.overwrite_output_dir, "selection")
     started = time.perf_counter()
 
@@ -277,13 +221,26 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     frames = data_args.load_frames() if data_args.split_file else None
     overlap = heldout_overlap(pool_frame, frames)
     candidates = candidate_positions(pool_frame, overlap, keep=pool_args.keep_heldout_overlap)
-    budget = pool_budget(selection_args, len(candidates), len(pool_frame), pool_args)
+    budget = pool_budget(
+        selection_args.k, selection_args.fraction, len(candidates), len(pool_frame), pool_args.external_file
+    )
 
     # Precomputed inputs: influence scores, then what the model says (embeddings, MC dropout)
     scores = None
     if selection_args.strategy == "influence":
-        scores = influence_scores(pool_args.scores_file, pool_frame)
-    arrays = model_arrays(selection_args, params, model_args, output_args, pool_frame, frames)
+        scores = read_influence_scores(selection_args.scores_file, pool_frame)
+    arrays = model_arrays(
+        model_args,
+        pool_frame,
+        frames,
+        strategy=selection_args.strategy,
+        params=params,
+        shift_diagnostics=result_args.shift_diagnostics,
+        n_passes=selection_args.n_passes,
+        batch_size=selection_args.batch_size,
+        seed=selection_args.seed,
+        quiet=output_args.disable_tqdm,
+    )
 
     # Select among the candidates; indices are mapped back to positions in the whole pool file
     pool = selection_pool(pool_frame, candidates, frames, scores, arrays)
@@ -293,24 +250,38 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
     # Outputs, each written atomically
     merged = None
-    if output_args.write_merged_train:
+    if result_args.write_merged_train:
         merged = merge_selected_into_train(frames["train"][["smiles", "label"]], pool_frame, selection)
     manifest = run_manifest(
         selection,
         pool_frame,
         candidates,
         overlap,
-        (selection_args, pool_args, data_args, model_args, output_args),
+        pool_file=pool_args.external_file,
+        keep_heldout_overlap=pool_args.keep_heldout_overlap,
+        split_file=data_args.split_file,
+        model_name_or_path=model_args.model_name_or_path,
+        scores_file=selection_args.scores_file,
+        arguments=arguments,
     )
     paths = write_selection(output_dir, pool_frame, selection, manifest, merged)
     logger.info("Wrote %s", ", ".join(str(path) for path in paths.values()))
     if not has_labels and len(selection):
-        logger.warning("The pool has no labels: selected.csv cannot be used as --extra_train_file.")
+        logger.warning("The pool has no labels: %s cannot be used as --extra_train_file.", SELECTED_FILE)
 
     # How far the candidates lie from the training data; then the completion marker, last
-    if output_args.shift_diagnostics and frames is not None:
-        shift_diagnostics(pool_frame, candidates, frames, arrays, output_args, selection_args.seed)
-    elif output_args.shift_diagnostics:
+    if result_args.shift_diagnostics and frames is not None:
+        shift_diagnostics(
+            output_dir,
+            pool_frame,
+            candidates,
+            frames,
+            pool_embeddings=arrays.pool_embeddings,
+            train_embeddings=arrays.train_embeddings,
+            n_permutations=result_args.mmd_permutations,
+            seed=selection_args.seed,
+        )
+    elif result_args.shift_diagnostics:
         logger.warning("No --split_file (and none next to the model): skipping the shift diagnostics.")
     mark_done(
         output_dir,
@@ -325,11 +296,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         },
     )
     return manifest
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------
 
 
 def strategy_options(selection_args: SelectionArguments) -> dict[str, Any]:
@@ -357,19 +323,18 @@ def needs_pool_labels(strategy: str) -> bool:
 def validate_arguments(
     selection_args: SelectionArguments,
     params: dict[str, Any],
-    pool_args: PoolArguments,
     data_args: RunDataArguments,
-    model_args: ModelArguments,
-    output_args: OutputArguments,
+    model_args: RunModelArguments,
+    result_args: ResultArguments,
 ) -> None:
     """Fail before anything slow runs when a strategy lacks one of its inputs."""
     strategy = selection_args.strategy
     effective = {**strategy_parameters(strategy), **params}
-    if strategy == "influence" and not pool_args.scores_file:
+    if strategy == "influence" and not selection_args.scores_file:
         raise ValueError(
-            "Strategy 'influence' needs --scores_file (run_influence.py's influence_scores.csv)."
+            f"Strategy 'influence' needs --scores_file (run_influence.py's {INFLUENCE_SCORES_FILE})."
         )
-    if pool_args.scores_file and strategy != "influence":
+    if selection_args.scores_file and strategy != "influence":
         logger.warning("--scores_file is only used by strategy 'influence'; ignoring it.")
     model_uses = {
         "uncertainty": "MC-dropout predictions",
@@ -389,275 +354,14 @@ def validate_arguments(
             f"Strategy {strategy!r} with these options needs the run's training/validation molecules: "
             "give --split_file (and the run's dataset options)."
         )
-    if output_args.write_merged_train and not data_args.split_file:
+    if result_args.write_merged_train and not data_args.split_file:
         raise ValueError("--write_merged_train needs the run's training split: give --split_file.")
-    if strategy == "uncertainty" and model_args.n_passes < 2:
-        raise ValueError(f"--n_passes must be >= 2 to estimate a variance, got {model_args.n_passes}.")
+    if strategy == "uncertainty" and selection_args.n_passes < 2:
+        raise ValueError(f"--n_passes must be >= 2 to estimate a variance, got {selection_args.n_passes}.")
     if selection_args.k is not None and selection_args.fraction is not None:
         raise ValueError("Give only one of --k and --fraction.")
-    if model_args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {model_args.batch_size}.")
-
-
-def pool_budget(
-    selection_args: SelectionArguments, n_candidates: int, n_pool: int, pool_args: PoolArguments
-) -> int | None:
-    """--k/--fraction turned into a number of molecules; None (no budget) when neither is given."""
-    if selection_args.k is None and selection_args.fraction is None:
-        return None
-    try:
-        return resolve_budget(n_candidates, selection_args.k, selection_args.fraction)
-    except ValueError as err:
-        excluded = n_pool - n_candidates
-        detail = f" ({excluded} held-out molecules excluded)" if excluded else ""
-        raise ValueError(
-            f"{err} The pool {pool_args.external_file} has {n_candidates} candidates{detail}."
-        ) from err
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------
-
-
-def heldout_overlap(pool_frame: pd.DataFrame, frames: dict[str, pd.DataFrame] | None) -> dict[str, list[int]]:
-    """Pool positions whose molecule (canonical SMILES) is in each split of the run."""
-    if frames is None:
-        return {}
-    overlap = {}
-    for name in SPLIT_NAMES:
-        inside = pool_frame["canonical_smiles"].isin(set(frames[name]["canonical_smiles"]))
-        overlap[name] = np.flatnonzero(inside.to_numpy()).tolist()
-    return overlap
-
-
-def candidate_positions(pool_frame: pd.DataFrame, overlap: dict[str, list[int]], keep: bool) -> np.ndarray:
-    """Pool positions a strategy may pick: all, minus validation/test molecules unless `keep`."""
-    heldout = sorted(set(overlap.get("validation", [])) | set(overlap.get("test", [])))
-    if overlap.get("train"):
-        logger.info(
-            "%d pool molecules are already in the training split (pool indices %s).",
-            len(overlap["train"]),
-            overlap["train"][:10],
-        )
-    if heldout:
-        counts = f"validation {len(overlap['validation'])}, test {len(overlap['test'])}"
-        logger.warning(
-            "%d pool molecules are in the run's held-out splits (%s; pool indices %s) and are %s.",
-            len(heldout),
-            counts,
-            heldout[:10],
-            "KEPT as candidates (--keep_heldout_overlap)" if keep else "excluded from the candidates",
-        )
-    if keep:
-        return np.arange(len(pool_frame))
-    candidates = np.setdiff1d(np.arange(len(pool_frame)), heldout)
-    if len(candidates) == 0:
-        raise ValueError(
-            "Every pool molecule is in the run's validation/test split; nothing can be selected."
-        )
-    return candidates
-
-
-def influence_scores(scores_file: str, pool_frame: pd.DataFrame) -> np.ndarray:
-    """Scores in pool order, after checking the file was written for this very pool."""
-    try:
-        return check_scores_match_pool(read_table(scores_file), pool_frame)
-    except ValueError as err:
-        raise ValueError(f"--scores_file {scores_file}: {err}") from err
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model: embeddings and MC dropout
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelArrays:
-    """What the model says about each molecule set (None where nothing needs it)."""
-
-    pool_embeddings: np.ndarray | None = None
-    train_embeddings: np.ndarray | None = None
-    validation_embeddings: np.ndarray | None = None
-    mc_predictions: np.ndarray | None = None  # [passes, pool]
-
-
-def model_arrays(
-    selection_args: SelectionArguments,
-    params: dict[str, Any],
-    model_args: ModelArguments,
-    output_args: OutputArguments,
-    pool_frame: pd.DataFrame,
-    frames: dict[str, pd.DataFrame] | None,
-) -> ModelArrays:
-    """Run the model only for the arrays the strategy and the diagnostics use; all for the whole pool."""
-    arrays = ModelArrays()
-    if not model_args.model_name_or_path:
-        return arrays
-    strategy = selection_args.strategy
-    effective = {**strategy_parameters(strategy), **params}
-    mmd = output_args.shift_diagnostics and frames is not None
-    valuation = strategy in VALUATION_STRATEGIES
-    want_pool = valuation or mmd or (strategy == "diversity" and effective.get("method") == "kmeans")
-    want_train = (valuation or mmd) and frames is not None
-    want_mc = strategy == "uncertainty"
-    if not (want_pool or want_train or want_mc):
-        logger.info("Strategy %r does not use the model; not loading it.", strategy)
-        return arrays
-
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if model_args.device == "auto" else model_args.device
-    )
-    model = load_regression_checkpoint(model_args.model_name_or_path, model_args.base_model).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    quiet = output_args.disable_tqdm
-
-    def batches_of(frame: pd.DataFrame) -> list[dict[str, torch.Tensor]]:
-        return smiles_batches(
-            frame["canonical_smiles"].tolist(), tokenizer, model_args.batch_size, model_args.max_seq_length
-        )
-
-    pool_batches = batches_of(pool_frame)
-    if want_pool:
-        arrays.pool_embeddings = embed_batches(
-            model, tqdm(pool_batches, desc="Embedding pool", disable=quiet)
-        )
-    if want_train:
-        train_batches = batches_of(frames["train"])
-        arrays.train_embeddings = embed_batches(
-            model, tqdm(train_batches, desc="Embedding train", disable=quiet)
-        )
-    if valuation:
-        validation_batches = batches_of(frames["validation"])
-        arrays.validation_embeddings = embed_batches(
-            model, tqdm(validation_batches, desc="Embedding validation", disable=quiet)
-        )
-    if want_mc:
-        arrays.mc_predictions = mc_predictions(
-            model, pool_batches, model_args.n_passes, selection_args.seed, quiet
-        )
-    return arrays
-
-
-def mc_predictions(
-    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], n_passes: int, seed: int, quiet: bool
-) -> np.ndarray:
-    """MC-dropout predictions [n_passes, N] with a progress bar over all passes."""
-    with tqdm(total=n_passes * len(batches), desc="MC dropout", unit="batch", disable=quiet) as bar:
-
-        def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-            bar.update(1)
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-        return mc_dropout_predictions(model, batches, n_passes, seed, forward_fn=forward)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Selection, diagnostics and outputs
-# ----------------------------------------------------------------------------------------------------------
-
-
-def selection_pool(
-    pool_frame: pd.DataFrame,
-    candidates: np.ndarray,
-    frames: dict[str, pd.DataFrame] | None,
-    scores: np.ndarray | None,
-    arrays: ModelArrays,
-) -> SelectionPool:
-    """The candidates' arrays (positions 0..len(candidates)-1) plus the run's train/validation data."""
-
-    def take(values: np.ndarray | None) -> np.ndarray | None:
-        return None if values is None else values[candidates]
-
-    train = frames["train"] if frames is not None else None
-    validation = frames["validation"] if frames is not None else None
-    has_validation_embeddings = arrays.validation_embeddings is not None
-    return SelectionPool(
-        smiles=pool_frame["canonical_smiles"].to_numpy()[candidates].tolist(),
-        labels=take(pool_frame["label"].to_numpy()) if "label" in pool_frame else None,
-        influence_scores=take(scores),
-        embeddings=take(arrays.pool_embeddings),
-        mc_predictions=None if arrays.mc_predictions is None else arrays.mc_predictions[:, candidates],
-        train_smiles=train["canonical_smiles"].tolist() if train is not None else None,
-        train_embeddings=arrays.train_embeddings,
-        train_labels=train["label"].to_numpy() if train is not None else None,
-        val_embeddings=arrays.validation_embeddings,
-        val_labels=validation["label"].to_numpy() if has_validation_embeddings else None,
-    )
-
-
-def shift_diagnostics(
-    pool_frame: pd.DataFrame,
-    candidates: np.ndarray,
-    frames: dict[str, pd.DataFrame],
-    arrays: ModelArrays,
-    output_args: OutputArguments,
-    seed: int,
-) -> dict[str, Any]:
-    """Shift of the candidates relative to the training split (test split as the in-distribution reference).
-
-    Logged, saved to shift_report.json and drawn in shift_diagnostics.png (when the pool has labels).
-    """
-    candidate_frame = pool_frame.iloc[candidates]
-    external_labels = candidate_frame["label"].to_numpy() if "label" in candidate_frame else None
-    train_labels = frames["train"]["label"].to_numpy()
-    report = shift_report(
-        candidate_frame["canonical_smiles"].tolist(),
-        frames["train"]["canonical_smiles"].tolist(),
-        reference_smiles=frames["test"]["canonical_smiles"].tolist(),
-        external_embeddings=None if arrays.pool_embeddings is None else arrays.pool_embeddings[candidates],
-        train_embeddings=arrays.train_embeddings,
-        external_labels=external_labels,
-        train_labels=train_labels,
-        n_permutations=output_args.mmd_permutations,
-        seed=seed,
-    )
-    report["reference"] = "test split"
-    report["pool_indices"] = candidates.tolist()
-    logger.info("%s", format_shift_report(report))
-    output_dir = Path(output_args.output_dir)
-    write_json(output_dir / SHIFT_REPORT_FILE, report)
-    if external_labels is None:
-        logger.info("The pool has no labels: %s is not drawn.", SHIFT_PLOT_FILE)
-    else:
-        tanimoto = report["tanimoto"]
-        plots.shift_diagnostics_plot(
-            tanimoto["external"]["nn_similarity"],
-            tanimoto["reference"]["nn_similarity"],
-            external_labels,
-            train_labels,
-            output_dir / SHIFT_PLOT_FILE,
-        )
-    return report
-
-
-def run_manifest(
-    selection: Selection,
-    pool_frame: pd.DataFrame,
-    candidates: np.ndarray,
-    overlap: dict[str, list[int]],
-    arguments: tuple[Any, ...],
-) -> dict[str, Any]:
-    """The library's selection manifest plus what this run was given and what it left out."""
-    selection_args, pool_args, data_args, model_args, output_args = arguments
-    manifest = selection_manifest(
-        selection, pool_args.external_file, dataset_fingerprint(pool_frame["canonical_smiles"].tolist())
-    )
-    manifest.update(
-        {
-            "n_pool": len(pool_frame),
-            "n_candidates": len(candidates),
-            "heldout_overlap": {
-                **overlap,
-                "excluded": not pool_args.keep_heldout_overlap and bool(overlap),
-            },
-            "split_file": data_args.split_file,
-            "model_name_or_path": model_args.model_name_or_path,
-            "scores_file": pool_args.scores_file if selection.strategy == "influence" else None,
-            "arguments": {type(group).__name__: dataclasses.asdict(group) for group in arguments},
-        }
-    )
-    return manifest
+    if selection_args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {selection_args.batch_size}.")
 
 
 if __name__ == "__main__":

@@ -65,9 +65,12 @@ class RunModelArguments:
         default=None, metadata={"help": "Tokenizer (default: the one saved with the model)."}
     )
     max_seq_length: int = field(
-        default=202, metadata={"help": "The run's --max_seq_length; longer SMILES are truncated (and reported)."}
+        default=202,
+        metadata={"help": "The run's --max_seq_length; longer SMILES are truncated (and reported)."},
     )
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available) | cpu | cuda | cuda:N."})
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when available) | cpu | cuda | cuda:N."}
+    )
 
 
 @dataclass

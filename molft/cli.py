@@ -87,3 +87,8 @@ def log_level(name: str) -> int:
     if name.lower() not in LOG_LEVELS:
         raise ValueError(f"--log_level must be one of {sorted(LOG_LEVELS)}, got {name!r}.")
     return LOG_LEVELS[name.lower()]
+
+
+def parse_list(value: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated option value."""
+    return [part.strip() for part in value.split(",") if part.strip()]

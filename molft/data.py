@@ -18,23 +18,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rdkit import Chem
 
-from molft.chem import canonical_smiles
+from molft.chem import check_standardize, n_components, parse_smiles, standardize_mol
 
 logger = logging.getLogger(__name__)
 
 LIPOPHILICITY_HUB_ID = "scikit-fingerprints/MoleculeNet_Lipophilicity"
-SMILES_CANDIDATES: tuple[str, ...] = ("smiles", "SMILES", "smi", "canonical_smiles", "mol", "molecule")
-LABEL_CANDIDATES: tuple[str, ...] = (
-    "label",
-    "labels",
-    "y",
-    "target",
-    "exp",
-    "logd",
-    "logD",
-    "value",
-    "Label",
+# Column names tried when none is given, in tiers of equal plausibility (matched case-insensitively): the
+# first tier with a match wins; two matches in one tier are ambiguous and an error.
+SMILES_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("smiles",),
+    ("canonical_smiles", "smi", "mol", "molecule"),
+)
+LABEL_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("label", "labels"),
+    ("y", "target", "exp", "logd", "value"),
 )
 
 # Hub datasets name their held-out splits in several ways; scripts only know these three.
@@ -190,9 +189,18 @@ def frames_from_hub(loaded: Any, source: str) -> dict[str, pd.DataFrame]:
 
 
 def find_column(
-    df: pd.DataFrame, explicit: str | None, candidates: Sequence[str], kind: str, source: str
+    df: pd.DataFrame,
+    explicit: str | None,
+    candidates: Sequence[str | Sequence[str]],
+    kind: str,
+    source: str,
 ) -> str:
-    """Return the `kind` column: `explicit` if given, else the first candidate present (case-insensitive)."""
+    """Return the `kind` column: `explicit` if given, else the one candidate present (case-insensitive).
+
+    `candidates` are tiers of names (a plain string is a tier of its own), tried in order. A guessed
+    column is logged with the file it was found in (WARNING unless it has the first tier's name), so a
+    run never uses a column nobody chose without saying so; two columns of the same tier are an error.
+    """
     available = [str(c) for c in df.columns]
     if explicit is not None:
         if explicit not in df.columns:
@@ -200,19 +208,32 @@ def find_column(
                 f"{kind} column {explicit!r} not found in {source}; available columns: {available}"
             )
         return explicit
-    for candidate in candidates:
-        if candidate in df.columns:
-            return candidate
-        matches = [c for c in df.columns if str(c).lower() == candidate.lower()]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
+    tiers = [(c,) if isinstance(c, str) else tuple(c) for c in candidates]
+    for level, tier in enumerate(tiers):
+        found = [c for c in df.columns if str(c).lower() in {name.lower() for name in tier}]
+        lowered = [str(c).lower() for c in found]
+        same = [str(c) for c, low in zip(found, lowered, strict=True) if lowered.count(low) > 1]
+        if same:
             raise ValueError(
-                f"{source} has several {kind} columns differing only in case: {matches}; name one explicitly."
+                f"{source} has several {kind} columns differing only in case: {same}; name one explicitly."
             )
+        if len(found) > 1:
+            raise ValueError(
+                f"{source} has several plausible {kind} columns: {[str(c) for c in found]}; "
+                f"name the {kind} column explicitly."
+            )
+        if found:
+            logger.log(
+                logging.INFO if level == 0 else logging.WARNING,
+                "%s: no %s column named; using column %r (guessed from its name; name the column to choose another).",
+                source,
+                kind,
+                str(found[0]),
+            )
+            return found[0]
     raise ValueError(
-        f"No {kind} column found in {source}: looked for {list(candidates)} (case-insensitive); "
-        f"available columns: {available}. Name the column explicitly."
+        f"No {kind} column found in {source}: looked for {[n for tier in tiers for n in tier]} "
+        f"(case-insensitive); available columns: {available}. Name the column explicitly."
     )
 
 
@@ -225,15 +246,23 @@ def prepare_molecules(
     strict: bool = False,
     require_labels: bool = True,
     keep_columns: Sequence[str] = (),
+    standardize: str | None = None,
 ) -> pd.DataFrame:
     """Canonicalise SMILES and validate labels, returning a fresh frame.
 
-    Columns: `smiles` (as given), `canonical_smiles` (RDKit, isomeric), `label` (float, when a label
-    column is given), `row` (the input row number, i.e. the frame's integer index, so messages and
-    predictions can be traced back to the file), plus any `keep_columns` copied unchanged (e.g. IDs or a
-    predefined split column). Invalid SMILES are dropped with a warning (an error when `strict`);
-    bad labels are always an error, because a silently dropped or zero-filled label changes the task.
+    Columns: `smiles` (as given), `canonical_smiles` (RDKit, isomeric; of the standardised molecule when
+    `standardize` is set), `label` (float, when a label column is given), `row` (the input row number,
+    i.e. the frame's integer index, so messages and predictions can be traced back to the file), plus any
+    `keep_columns` copied unchanged (e.g. IDs or a predefined split column).
+
+    Invalid SMILES (see `molft.chem.smiles_problem`: text RDKit would read only in part is invalid too)
+    are dropped with a warning naming the rows (an error when `strict`); bad labels are always an error,
+    because a silently dropped or zero-filled label changes the task. Multi-component molecules (salts,
+    mixtures) are reported. `standardize` ("fragment_neutral" or "tautomer", see
+    `molft.chem.standardize_mol`; None keeps molecules as written) is applied to every molecule, the
+    changes are logged, and the value is kept in `out.attrs["standardize"]` so `save_split` records it.
     """
+    standardize = check_standardize(standardize)
     for column in [smiles_column, label_column, *keep_columns]:
         if column is not None and column not in df.columns:
             raise ValueError(
@@ -248,18 +277,19 @@ def prepare_molecules(
         labels = _checked_labels(df[label_column], rows, label_column, source)
 
     raw_smiles = df[smiles_column].to_numpy()
-    canonical = [canonical_smiles(smi) for smi in raw_smiles]
+    parsed = [_canonical_row(smi, standardize) for smi in raw_smiles]
+    canonical = [c for c, _, _, _ in parsed]
     valid = np.array([c is not None for c in canonical], dtype=bool)
     n_invalid = int((~valid).sum())
     if n_invalid:
-        bad = [f"row {rows[i]}: {raw_smiles[i]!r}" for i in np.flatnonzero(~valid)]
+        bad = [f"row {rows[i]}: {raw_smiles[i]!r} ({parsed[i][1]})" for i in np.flatnonzero(~valid)]
         if strict:
             raise ValueError(
-                f"{source}: {n_invalid} SMILES could not be parsed by RDKit ({'; '.join(bad[:_MAX_BAD_ROWS])}"
-                f"{' ...' if n_invalid > _MAX_BAD_ROWS else ''})."
+                f"{source}: {n_invalid} SMILES could not be parsed by RDKit as written "
+                f"({'; '.join(bad[:_MAX_BAD_ROWS])}{' ...' if n_invalid > _MAX_BAD_ROWS else ''})."
             )
         logger.warning(
-            "%s: dropping %d of %d rows whose SMILES RDKit cannot parse, e.g. %s",
+            "%s: dropping %d of %d rows whose SMILES are invalid or RDKit cannot parse, e.g. %s",
             source,
             n_invalid,
             len(df),
@@ -267,6 +297,7 @@ def prepare_molecules(
         )
     if not valid.any():
         raise ValueError(f"split/file {source} has no valid molecules ({len(df)} rows read).")
+    _report_components(parsed, raw_smiles, rows, source, standardize)
 
     out = pd.DataFrame(
         {
@@ -291,7 +322,73 @@ def prepare_molecules(
             examples,
         )
     logger.info("%s: %d valid molecules (%d invalid SMILES dropped).", source, len(out), n_invalid)
+    if standardize is not None:
+        out.attrs["standardize"] = standardize
     return out
+
+
+def _canonical_row(smiles: object, standardize: str | None) -> tuple[str | None, str | None, int, bool]:
+    """(canonical SMILES or None, why invalid, number of components as written, changed by standardize)."""
+    mol, problem = parse_smiles(smiles)
+    if mol is None:
+        return None, problem, 0, False
+    canonical = Chem.MolToSmiles(mol)
+    if standardize is None:
+        return canonical, None, n_components(mol), False
+    try:
+        standardized = Chem.MolToSmiles(standardize_mol(mol, standardize))
+    except Exception as err:  # RDKit raises its own error types for molecules it cannot standardise
+        return None, f"standardize={standardize!r} failed: {err}", 0, False
+    return standardized, None, n_components(mol), standardized != canonical
+
+
+def _report_components(
+    parsed: Sequence[tuple[str | None, str | None, int, bool]],
+    raw_smiles: np.ndarray,
+    rows: np.ndarray,
+    source: str,
+    standardize: str | None,
+) -> None:
+    """Log multi-component molecules (salts, mixtures) and what standardisation changed."""
+    n_valid = sum(c is not None for c, _, _, _ in parsed)
+
+    def examples(positions: list[int], show_result: bool = False) -> str:
+        return "; ".join(
+            f"row {rows[i]}: {raw_smiles[i]!r}" + (f" -> {parsed[i][0]}" if show_result else "")
+            for i in positions[:_MAX_EXAMPLES]
+        )
+
+    multi = [i for i, (_, _, n, _) in enumerate(parsed) if n > 1]
+    if multi and standardize is None:
+        logger.warning(
+            "%s: %d of %d molecules have several components (salts or mixtures) and are used whole, e.g. %s. "
+            "Standardise them (keep the largest fragment) or remove them if that is not intended.",
+            source,
+            len(multi),
+            n_valid,
+            examples(multi),
+        )
+    elif multi:
+        logger.info(
+            "%s: %d of %d molecules have several components (salts or mixtures), e.g. %s; "
+            "standardize=%r keeps the largest fragment.",
+            source,
+            len(multi),
+            n_valid,
+            examples(multi),
+            standardize,
+        )
+    if standardize is not None:
+        changed = [i for i, (_, _, _, c) in enumerate(parsed) if c]
+        logger.log(
+            logging.WARNING if changed else logging.INFO,
+            "%s: standardize=%r changed %d of %d molecules%s",
+            source,
+            standardize,
+            len(changed),
+            n_valid,
+            f", e.g. {examples(changed, show_result=True)}" if changed else ".",
+        )
 
 
 def _checked_labels(values: pd.Series, rows: np.ndarray, column: str, source: str) -> np.ndarray:

@@ -14,10 +14,13 @@ PREDICT_PREDICTIONS_FILE = "predict_predictions.csv"
 RUN_CONFIG_FILE = "run_config.json"
 RUN_OPTIONS_FILE = "run_options.yaml"
 LOSS_CURVES_FILE = "loss_curves.png"
+PARITY_PLOT_FILE = "parity_test.png"
 MODEL_CARD_FILE = "README.md"
 HP_SEARCH_FILE = "hp_search.json"
 BEST_CONFIG_FILE = "best_config.yaml"
 MERGED_DIR = "merged"
+# the saved base of an adapter trained on a model from scratch; peft_setup looks for it beside the adapter
+BASE_MODEL_DIR = "base_model"
 
 # every script: written last, so a folder that has it holds a finished run
 DONE_MARKER = "run_complete.json"

@@ -1,8 +1,8 @@
-"""Hyperparameter search for run_regression.py: the search space file, the objective, the Ray set-up.
+"""Hyperparameter search for run_regression.py: the search space file, the objective, the Ray set-up, the run.
 
 The space is read from YAML so one file drives both backends of `Trainer.hyperparameter_search`
 (optuna and Ray Tune); the objective is a trial's best validation RMSE, so the test split never
-takes part in choosing hyperparameters.
+takes part in choosing hyperparameters. The search ends in best_config.yaml, an ordinary run's config.
 """
 
 from __future__ import annotations
@@ -11,19 +11,40 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from transformers import TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from molft.files import BEST_CONFIG_FILE, HP_SEARCH_FILE
+from molft.io import mark_done, write_json
+from molft.metrics import make_compute_metrics
+from molft.run_record import write_options
+from molft.trainer import RegressionTrainer
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+    from molft.regression import ModelFactory
 
 logger = logging.getLogger(__name__)
 
 # hyperparameters that live in the model config or the PEFT options rather than in TrainingArguments
 CONFIG_HYPERPARAMETERS = ("hidden_dropout_prob", "embedding_dropout_prob", "classifier_dropout_prob")
 PEFT_HYPERPARAMETERS = {"lora": ("lora_r", "lora_alpha", "lora_dropout"), "ia3": ("ia3_init_value",)}
+# run_regression.py options that ask for a search; best_config.yaml leaves them out, so it reruns one model
+SEARCH_OPTIONS = ("hp_search", "n_trials", "hp_space", "ray_address", "ray_resources_per_trial")
 
 
 @dataclass(frozen=True)
@@ -185,3 +206,124 @@ def ray_search_kwargs(
 def plain_value(value: Any) -> Any:
     """Python scalars for YAML (numpy scalars come back from some samplers)."""
     return value.item() if hasattr(value, "item") else value
+
+
+def run_hp_search(
+    factory: ModelFactory,
+    tokenised: dict[str, datasets.Dataset],
+    tokenizer: PreTrainedTokenizerBase,
+    collator: DataCollatorWithPadding,
+    training_args: TrainingArguments,
+    *,
+    backend: str,
+    n_trials: int,
+    space_path: str | os.PathLike,
+    callbacks: list[TrainerCallback],
+    options: Mapping[str, Any],
+    split_file: Path | None,
+    start: float,
+    ray_address: str | None = None,
+    ray_resources_per_trial: str | None = None,
+) -> dict[str, Any]:
+    """Search hyperparameters on the validation split only and write best_config.yaml (a rerunnable config).
+
+    `options` are the options the search was given; `split_file`, when set, pins best_config.yaml to the
+    very molecules the search used.
+    """
+    output_dir = Path(training_args.output_dir)
+    space = SearchSpace.from_yaml(space_path, factory.peft_options.peft)
+    objective = BestValidationRMSE()
+
+    def model_init(trial: Any = None) -> torch.nn.Module:
+        model = factory.build(space.trial_params(trial))
+        # The Trainer seeds before model_init; a plain run's Trainer seeds again after its model is built.
+        # Seeding here too gives a trial the data order and dropout draws of a plain run with its
+        # hyperparameters, so best_config.yaml reproduces the best trial.
+        set_seed(training_args.seed)
+        return model
+
+    trainer = RegressionTrainer(
+        model_init=model_init,
+        args=training_args,
+        train_dataset=tokenised["train"],
+        eval_dataset=tokenised["validation"],  # the test split is never shown to the search
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=make_compute_metrics(),
+        callbacks=[*callbacks, objective],
+    )
+    backend_kwargs: dict[str, Any] = {}
+    if backend == "optuna":
+        import optuna
+
+        storage = optuna.storages.InMemoryStorage()
+        backend_kwargs = {
+            "sampler": optuna.samplers.TPESampler(seed=training_args.seed),
+            "storage": storage,
+            "study_name": "run_regression",
+        }
+
+        def hp_space(trial):
+            return space.training_params(space.sample_optuna(trial))
+
+    else:
+        backend_kwargs = ray_search_kwargs(ray_address, ray_resources_per_trial, output_dir)
+
+        def hp_space(trial):
+            return space.ray_space()
+
+    logger.info("Hyperparameter search (%s, %d trials) over %s", backend, n_trials, space.names)
+    best = trainer.hyperparameter_search(
+        hp_space=hp_space,
+        compute_objective=objective,
+        n_trials=n_trials,
+        direction="minimize",
+        backend=backend,
+        hp_name=lambda trial: f"trial-{getattr(trial, 'number', 'ray')}",
+        **backend_kwargs,
+    )
+    if not trainer.is_world_process_zero() or best is None:
+        return {}
+    best_params = {k: plain_value(v) for k, v in best.hyperparameters.items() if k in space.names}
+    trials = []
+    if backend == "optuna":
+        study = optuna.load_study(study_name="run_regression", storage=backend_kwargs["storage"])
+        trials = [
+            {"number": t.number, "state": t.state.name, "validation_rmse": t.value, "params": t.params}
+            for t in study.trials
+        ]
+    results = {
+        "backend": backend,
+        "objective": "validation RMSE (best evaluation of each trial); the test split is never evaluated",
+        "n_trials": n_trials,
+        "search_space": str(space_path),
+        "best_trial": best.run_id,
+        "best_validation_rmse": best.objective,
+        "best_params": best_params,
+        "trials": trials,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    write_json(output_dir / HP_SEARCH_FILE, results)
+    best_options = {k: v for k, v in options.items() if k not in SEARCH_OPTIONS}
+    best_options.update(best_params)
+    best_options.update({"do_train": True, "do_eval": True, "output_dir": str(output_dir / "best")})
+    if split_file is not None:
+        best_options["split_file"] = str(split_file)
+    write_options(
+        output_dir / BEST_CONFIG_FILE,
+        best_options,
+        f"the search's options with the best of {n_trials} trials (trial {best.run_id}, "
+        f"validation RMSE {best.objective:.4f})",
+        script="run_regression.py",
+    )
+    logger.info("Best trial %s: validation RMSE %.4f with %s", best.run_id, best.objective, best_params)
+    mark_done(
+        output_dir,
+        {
+            "hp_search": backend,
+            "best_validation_rmse": best.objective,
+            "best_params": best_params,
+            "wall_time_s": results["wall_time_s"],
+        },
+    )
+    return results

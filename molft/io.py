@@ -2,7 +2,8 @@
 
 Every result file is written to a temporary sibling and renamed into place, so a crash never leaves a
 half-written file that looks complete. Sweeps rely on a final marker file (`DONE_MARKER`) to know a run
-finished.
+finished. The temporary file gets the mode an ordinary `open()` would give (0o666 less the umask), not
+mkstemp's private 0o600, so colleagues on shared storage can read results as they can any other file.
 """
 
 from __future__ import annotations
@@ -10,12 +11,37 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from molft.files import DONE_MARKER  # noqa: E402,F401  re-exported
+
+_PROC_STATUS = Path("/proc/self/status")
+_umask_lock = threading.Lock()
+_swapped_umask: int | None = None
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (Linux >= 4.7).
+
+    Elsewhere it is read once per process by setting and restoring it, because that briefly changes the
+    umask for every thread.
+    """
+    global _swapped_umask
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        if _swapped_umask is None:
+            _swapped_umask = os.umask(0o022)
+            os.umask(_swapped_umask)
+        return _swapped_umask
 
 
 @contextmanager
@@ -24,7 +50,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -1,4 +1,4 @@
-"""Model card text for run_regression.py outputs (written locally, and pushed with --push_to_hub).
+"""Model cards of run_regression.py and run_mlm.py outputs (written locally, and pushed with --push_to_hub).
 
 The same text is written to `<output_dir>/README.md` whether or not the run is pushed, so an offline run
 documents itself exactly as its Hub page would.
@@ -7,6 +7,8 @@ documents itself exactly as its Hub page would.
 from __future__ import annotations
 
 from typing import Any
+
+from molft.files import MLM_DATA_SUMMARY_FILE
 
 _METRIC_ROWS = ("rmse", "mae", "r2", "pearson", "spearman", "median_ae", "mse")
 _ADAPTER_METHODS = ("lora", "ia3")
@@ -91,3 +93,65 @@ def regression_model_card(
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+_MLM_METRIC_SUFFIXES = ("_loss", "_perplexity", "_masked_accuracy")
+_MLM_METRICS = ("epoch", "train_samples", "eval_samples")
+
+
+def mlm_model_card(
+    model_args: Any, data_args: Any, model: Any, summary: dict[str, Any], metrics: dict[str, float]
+) -> str:
+    """Markdown with Hub metadata for a run_mlm.py checkpoint: start, architecture, masking, data, losses."""
+    start = model_args.model_name_or_path or f"random initialisation ({model_args.config_name})"
+    config = model.config
+    sources = "\n".join(
+        f"- `{name}`: {info['molecules']} molecules"
+        if "molecules" in info
+        else f"- `{name}`: {info['rows']} rows"
+        for name, info in summary["sources"].items()
+    )
+    if "n_checked" in summary:
+        sources += (
+            f"\n\nOnly {summary['n_checked']} of these {summary['n_rows']} rows were read (in a seeded random "
+            "order, until enough molecules were found)."
+        )
+    overlap = summary.get("heldout_overlap", {})
+    shown = {k: v for k, v in metrics.items() if k.endswith(_MLM_METRIC_SUFFIXES) or k in _MLM_METRICS}
+    metric_lines = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(shown.items()))
+    return f"""---
+library_name: transformers
+tags: [chemistry, smiles, molformer, fill-mask]
+---
+
+# MoLFormer masked-language model
+
+Trained with `run_mlm.py` from {start}.
+
+- Architecture: MoLFormer (linear attention, rotary embeddings), hidden {config.hidden_size},
+  {config.num_hidden_layers} layers, {config.num_attention_heads} heads, {model.num_parameters():,} parameters,
+  vocabulary {config.vocab_size} tokens.
+- Masking: {data_args.mlm_probability:.0%} of tokens, of which {data_args.mask_replace_prob:.0%} `<mask>`,
+  {data_args.random_replace_prob:.0%} random; SMILES enumeration: {data_args.smiles_enumeration};
+  max length {data_args.max_seq_length} tokens.
+
+## Data
+
+{sources}
+
+{summary["n_train"]} training and {summary["n_validation"]} validation molecules after removing invalid SMILES,
+duplicates ({summary["duplicates_dropped"]}) and {overlap.get("dropped", 0)} molecules of held-out sets
+({", ".join(summary.get("heldout_sets", {})) or "none given"}). Details: `{MLM_DATA_SUMMARY_FILE}`.
+
+## Results
+
+| metric | value |
+|---|---|
+{metric_lines}
+
+## Use
+
+Fine-tune for regression with `python run_regression.py --model_name_or_path <this folder> ...`; the encoder
+weights load as they are and only the regression head is newly initialised. SMILES pieces outside the
+vocabulary are encoded as `<unk>`.
+"""

@@ -93,3 +93,10 @@ def smiles_batches(
             batch["labels"] = torch.tensor(np.asarray(labels[start : start + batch_size], dtype=np.float64))
         batches.append(batch)
     return batches
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a `--device` option names; `auto` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

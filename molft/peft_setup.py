@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from molft.files import BASE_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +36,29 @@ DEFAULT_IA3_FEEDFORWARD = _LAYER + r"output\.dense$"
 
 @dataclass
 class PeftOptions:
-    method: str = "none"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    lora_target_modules: str | None = None
-    ia3_target_modules: str | None = None
-    ia3_feedforward_modules: str | None = None
-    ia3_init_value: float = 1.0
+    """The fine-tuning method and its settings; also the PEFT argument group of the training scripts."""
+
+    peft: str = field(
+        default="none", metadata={"help": "Fine-tuning method: none (full) | lora | ia3 | bitfit."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA targets: a regex over module names or a comma list of suffixes. Default: every "
+            "encoder layer's query/key/value, attention output and both FFN projections (never the head)."
+        },
+    )
+    ia3_target_modules: str | None = field(
+        default=None, metadata={"help": "IA3 targets (regex or comma list). Default: key, value, FFN output."}
+    )
+    ia3_feedforward_modules: str | None = field(
+        default=None,
+        metadata={"help": "IA3 feed-forward modules (input scaling). Default: FFN output dense."},
+    )
+    ia3_init_value: float = field(default=1.0, metadata={"help": "Initial value of the IA3 scaling vectors."})
 
 
 def _as_targets(value: str | None, default: str) -> str | list[str]:
@@ -55,9 +72,9 @@ def _as_targets(value: str | None, default: str) -> str | list[str]:
 
 def apply_peft(model: nn.Module, options: PeftOptions) -> nn.Module:
     """Wrap or freeze `model` for the chosen method; the head stays trainable in every case."""
-    method = options.method.lower()
+    method = options.peft.lower()
     if method not in PEFT_METHODS:
-        raise ValueError(f"--peft must be one of {PEFT_METHODS}, got {options.method!r}.")
+        raise ValueError(f"--peft must be one of {PEFT_METHODS}, got {options.peft!r}.")
     if method == "none":
         return model
     if method == "bitfit":
@@ -161,7 +178,7 @@ def _find_base_model(adapter_dir: Path, recorded: str | None) -> str:
     """
     if recorded and (Path(recorded).exists() or not _looks_like_local_path(recorded)):
         return recorded
-    for candidate in (adapter_dir / "base_model", adapter_dir.parent / "base_model"):
+    for candidate in (adapter_dir / BASE_MODEL_DIR, adapter_dir.parent / BASE_MODEL_DIR):
         if (candidate / "config.json").is_file():
             if recorded:
                 logger.info(

@@ -71,29 +71,42 @@ def parity_plot(y_true: Any, y_pred: Any, path: PathLike | None = None, title: s
     return _finish(fig, path)
 
 
-def loss_curves(log_history: Sequence[dict[str, Any]], path: PathLike | None = None) -> Figure:
-    """Training/evaluation loss (left) and evaluation RMSE (right) from a Trainer `state.log_history`."""
+def loss_curves(
+    log_history: Sequence[dict[str, Any]],
+    path: PathLike | None = None,
+    *,
+    metric: str = "eval_rmse",
+    metric_name: str = "RMSE",
+    loss_name: str = "loss",
+    title: str = "loss",
+) -> Figure:
+    """Training/evaluation loss (left) and an evaluation metric (right) from a Trainer `state.log_history`.
+
+    The defaults draw a regression run (evaluation RMSE); run_mlm.py draws masked-token accuracy.
+    """
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
     eval_loss = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    eval_rmse = [(e["step"], e["eval_rmse"]) for e in log_history if "eval_rmse" in e and "step" in e]
-    if not (train or eval_loss or eval_rmse):
-        raise ValueError("log_history holds no entries with 'step' and 'loss', 'eval_loss' or 'eval_rmse'.")
+    eval_metric = [(e["step"], e[metric]) for e in log_history if metric in e and "step" in e]
+    if not (train or eval_loss or eval_metric):
+        raise ValueError(f"log_history holds no entries with 'step' and 'loss', 'eval_loss' or {metric!r}.")
 
     fig = Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, rmse_ax = fig.subplots(1, 2)
+    loss_ax, metric_ax = fig.subplots(1, 2)
     for points, label, style in ((train, "train loss", "-"), (eval_loss, "eval loss", "o-")):
         if points:
             steps, values = zip(*points, strict=True)
             loss_ax.plot(steps, values, style, label=label)
-    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
+    loss_ax.set(xlabel="step", ylabel=loss_name, title=title)
     loss_ax.legend()
-    if eval_rmse:
-        steps, values = zip(*eval_rmse, strict=True)
-        rmse_ax.plot(steps, values, "o-", color="tab:green")
+    if eval_metric:
+        steps, values = zip(*eval_metric, strict=True)
+        metric_ax.plot(steps, values, "o-", color="tab:green")
     else:
-        logger.info("No eval_rmse entries in log_history; the evaluation panel stays empty.")
-        rmse_ax.text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=rmse_ax.transAxes)
-    rmse_ax.set(xlabel="step", ylabel="RMSE", title="evaluation RMSE")
+        logger.info("No %s entries in log_history; the evaluation panel stays empty.", metric)
+        metric_ax.text(
+            0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=metric_ax.transAxes
+        )
+    metric_ax.set(xlabel="step", ylabel=metric_name, title=f"evaluation {metric_name}")
     return _finish(fig, path)
 
 

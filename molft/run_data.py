@@ -1,21 +1,139 @@
-"""The data options of a finished run_regression.py run, shared by the scripts that read such runs.
+"""A run's dataset: the options that define it and the one path that prepares it.
 
-run_influence.py and run_selection.py must rebuild the run's dataset exactly as run_regression.py
-prepared it, or the indices in its split.json point at other molecules; one dataclass keeps their
-options (and so their config files) identical.
+run_regression.py prepares, splits and extends the dataset; run_influence.py and run_selection.py must
+rebuild it exactly as run_regression.py prepared it, or the indices in its split.json point at other
+molecules. Both go through `load_dataset`, and RunDataArguments keeps the readers' options (and so their
+config files) identical to the run's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 
-from molft.splits import load_run_frames
+from molft.data import (
+    LABEL_CANDIDATES,
+    SMILES_CANDIDATES,
+    drop_overlap,
+    find_column,
+    load_raw_dataset,
+    prepare_molecules,
+    read_table,
+)
+from molft.files import SPLIT_FILE
+from molft.io import read_json
+from molft.splits import SPLIT_NAMES, SplitResult, load_split, make_split, split_frames
+from molft.weights import WEIGHT_MAPPINGS, map_weights
 
 logger = logging.getLogger(__name__)
+
+PRESPLIT_SOURCE = "pre-split files"  # the `source` parameter of the split of data that came already split
+
+
+class DatasetOptions(Protocol):
+    """Where a run's molecules come from: what RegressionDataArguments and RunDataArguments share."""
+
+    dataset_name: str | None
+    dataset_config_name: str | None
+    train_file: str | None
+    validation_file: str | None
+    test_file: str | None
+    smiles_column: str | None
+    label_column: str | None
+    strict_smiles: bool
+
+
+@dataclass
+class RegressionDataArguments:
+    """The data options of run_regression.py: the dataset, its split, and the molecules added to train."""
+
+    dataset_name: str | None = field(
+        default="lipophilicity",
+        metadata={
+            "help": "'lipophilicity' (the copy embedded in the chemloader package; falls back to the Hub "
+            "dataset scikit-fingerprints/MoleculeNet_Lipophilicity) or any Hub dataset id. Ignored when "
+            "--train_file is given."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "csv/tsv/json/jsonl/parquet with SMILES and labels."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Optional pre-split validation file."}
+    )
+    test_file: str | None = field(default=None, metadata={"help": "Optional pre-split test file."})
+    smiles_column: str | None = field(
+        default=None, metadata={"help": "SMILES column (default: found by name)."}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column (default: found by name)."}
+    )
+    strict_smiles: bool = field(
+        default=False, metadata={"help": "Error on invalid SMILES instead of dropping them."}
+    )
+    split: str = field(
+        default="random",
+        metadata={
+            "help": "random | scaffold | stratified | predefined | butina | maxmin | molecular_weight | "
+            "fingerprint. Ignored with --split_file or pre-split files."
+        },
+    )
+    split_fractions: str = field(default="0.8,0.1,0.1", metadata={"help": "train,validation,test fractions."})
+    split_seed: int = field(
+        default=42, metadata={"help": "Seed of the split, separate from --seed so seeds vary on one split."}
+    )
+    split_column: str | None = field(
+        default=None,
+        metadata={"help": "Column with train/validation/test labels (implies --split predefined)."},
+    )
+    split_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reuse a split.json (checked against the data) or a JSON index file of row numbers."
+        },
+    )
+    extra_train_file: str | None = field(
+        default=None,
+        metadata={"help": "External molecules (e.g. a selection) added to the training split only."},
+    )
+    extra_smiles_column: str | None = field(
+        default=None, metadata={"help": "SMILES column of the extra file."}
+    )
+    extra_label_column: str | None = field(default=None, metadata={"help": "Label column of the extra file."})
+    keep_extra_overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep extra molecules that also sit in validation/test (default: report and drop)."
+        },
+    )
+    extra_train_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the extra file with per-molecule values turned into loss weights "
+            "(see --weight_mapping). Dataset molecules get weight 1."
+        },
+    )
+    weight_mapping: str = field(
+        default="identity",
+        metadata={"help": f"How --extra_train_weights values become weights: {', '.join(WEIGHT_MAPPINGS)}."},
+    )
+    weight_temperature: float = field(default=1.0, metadata={"help": "Temperature of the softmax mappings."})
+    max_seq_length: int = field(default=202, metadata={"help": "Longer SMILES are truncated (and reported)."})
+    length_grouping: bool = field(
+        default=True, metadata={"help": "Batch molecules of similar token length (less padding)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Debug: cap the training set."})
+    predict_file: str | None = field(
+        default=None, metadata={"help": "Unlabelled SMILES to predict (csv/json/parquet), with --do_predict."}
+    )
 
 
 @dataclass
@@ -48,7 +166,7 @@ class RunDataArguments:
         """
         if self.split_file:
             return
-        candidate = Path(model_name_or_path) / "split.json" if model_name_or_path else None
+        candidate = Path(model_name_or_path) / SPLIT_FILE if model_name_or_path else None
         if candidate is not None and candidate.is_file():
             logger.info("Using the model's split %s (pass --split_file to choose another).", candidate)
             self.split_file = str(candidate)
@@ -59,17 +177,219 @@ class RunDataArguments:
             )
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
-        """The run's train/validation/test frames; `split_file` must be set."""
+        """The run's train/validation/test frames; `split_file` must be set.
+
+        The split records a fingerprint of the prepared data, so other data is an error.
+        """
         if not self.split_file:
             raise ValueError("No split file: give --split_file (the run's split.json).")
-        return load_run_frames(
-            self.split_file,
-            dataset_name=self.dataset_name,
-            train_file=self.train_file,
-            validation_file=self.validation_file,
-            test_file=self.test_file,
-            dataset_config_name=self.dataset_config_name,
-            smiles_column=self.smiles_column,
-            label_column=self.label_column,
-            strict_smiles=self.strict_smiles,
+        dataset, _, source = load_dataset(self)
+        try:
+            split = load_split(self.split_file, dataset)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} Give the run's own data options (--dataset_name/--train_file, columns) or its split.json."
+            ) from err
+        logger.info("Split %s of %s: %s", self.split_file, source, split.sizes)
+        return split_frames(dataset, split)
+
+
+@dataclass
+class PreparedData:
+    """Checked molecules, their split, and the training frame with any external molecules added."""
+
+    dataset: pd.DataFrame  # the prepared molecules that `split` indexes
+    split: SplitResult
+    frames: dict[str, pd.DataFrame]  # train (with extra molecules), validation, test
+    source: str
+    extra: pd.DataFrame | None = None
+    extra_report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_presplit(self) -> bool:
+        """The data came already split, so no split.json is needed to rebuild the run's split."""
+        return self.split.params.get("source") == PRESPLIT_SOURCE
+
+
+def load_dataset(
+    options: DatasetOptions, keep_columns: Sequence[str] = ()
+) -> tuple[pd.DataFrame, SplitResult | None, str]:
+    """The prepared dataset (every SMILES and label checked), and where the data came from.
+
+    Data that come already split are concatenated in train, validation, test order and returned with
+    that predefined split; otherwise the split is None (the caller makes or loads one).
+    """
+    raw = load_raw_dataset(
+        None if options.train_file else options.dataset_name,
+        train_file=options.train_file,
+        validation_file=options.validation_file,
+        test_file=options.test_file,
+        dataset_config_name=options.dataset_config_name,
+    )
+    prepared = {}
+    for name, frame in raw.frames.items():
+        source = f"{raw.source} [{name}]"
+        smiles_col = find_column(frame, options.smiles_column, SMILES_CANDIDATES, "SMILES", source)
+        label_col = find_column(frame, options.label_column, LABEL_CANDIDATES, "label", source)
+        prepared[name] = prepare_molecules(
+            frame,
+            smiles_col,
+            label_col,
+            source=source,
+            strict=options.strict_smiles,
+            keep_columns=keep_columns,
         )
+    if not raw.is_presplit:
+        return prepared["all"], None, raw.source
+    missing = [name for name in SPLIT_NAMES if name not in prepared]
+    if missing:
+        raise ValueError(
+            f"Pre-split data needs train, validation and test parts; missing {missing} "
+            "(give --validation_file and --test_file, or only --train_file to split it here)."
+        )
+    dataset = pd.concat([prepared[name] for name in SPLIT_NAMES], ignore_index=True)
+    bounds = np.cumsum([0] + [len(prepared[name]) for name in SPLIT_NAMES])
+    split = SplitResult(
+        *(np.arange(bounds[i], bounds[i + 1]) for i in range(3)),
+        method="predefined",
+        params={"source": PRESPLIT_SOURCE},
+    )
+    return dataset, split, raw.source
+
+
+def prepare_data(data_args: RegressionDataArguments, reuse_split: Path | None = None) -> PreparedData:
+    """Load, check and split the dataset, then add external molecules to the training split."""
+    dataset, split, source = load_and_split(data_args, reuse_split)
+    frames = split_frames(dataset, split)
+    for name, frame in frames.items():
+        if frame.empty:
+            raise ValueError(
+                f"The {name} split is empty; check the split fractions, split column or split file."
+            )
+        frame["split"] = name
+        frame["source"] = "dataset"
+    report_cross_split_duplicates(frames)
+    extra, extra_report = None, {}
+    if data_args.extra_train_file:
+        extra, extra_report = load_extra(data_args, frames)
+        frames["train"] = pd.concat([frames["train"], extra], ignore_index=True)
+    if data_args.max_train_samples is not None:
+        frames["train"] = frames["train"].iloc[: data_args.max_train_samples].reset_index(drop=True)
+    return PreparedData(dataset, split, frames, source, extra, extra_report)
+
+
+def load_and_split(
+    data_args: RegressionDataArguments, reuse_split: Path | None
+) -> tuple[pd.DataFrame, SplitResult, str]:
+    """The prepared dataset (all molecules, checked), its split, and where the data came from."""
+    keep = [data_args.split_column] if data_args.split_column else []
+    dataset, presplit, source = load_dataset(data_args, keep_columns=keep)
+    if presplit is not None:
+        if data_args.split_file:
+            logger.warning("--split_file is ignored: the data come already split (%s).", source)
+        return dataset, presplit, source
+
+    split_file = data_args.split_file or (str(reuse_split) if reuse_split and reuse_split.is_file() else None)
+    if split_file and is_split_json(split_file):
+        split = load_split(split_file, dataset)
+        logger.info("Reusing the %s split in %s: %s", split.method, split_file, split.sizes)
+    elif split_file:
+        split = make_split(dataset, "predefined", split_file=split_file)
+    elif data_args.split_column or data_args.split == "predefined":
+        if data_args.split not in ("random", "predefined"):
+            raise ValueError(
+                f"--split_column gives a predefined split; it cannot be combined with --split {data_args.split}."
+            )
+        split = make_split(dataset, "predefined", split_column=data_args.split_column)
+    else:
+        try:
+            fractions = tuple(float(x) for x in data_args.split_fractions.split(","))
+        except ValueError as err:
+            raise ValueError(
+                f"--split_fractions wants 'train,validation,test', got {data_args.split_fractions!r}."
+            ) from err
+        split = make_split(dataset, data_args.split, fractions=fractions, seed=data_args.split_seed)
+    return dataset, split, source
+
+
+def is_split_json(path: str | os.PathLike) -> bool:
+    """A split.json written by molft (as opposed to a plain file of row numbers per split)."""
+    content = read_json(path)
+    return isinstance(content, dict) and "dataset_fingerprint" in content
+
+
+def report_cross_split_duplicates(frames: dict[str, pd.DataFrame]) -> None:
+    """Warn when one molecule sits in train and in a held-out split (e.g. repeated measurements)."""
+    train = set(frames["train"]["canonical_smiles"])
+    for name in ("validation", "test"):
+        shared = frames[name]["canonical_smiles"][frames[name]["canonical_smiles"].isin(train)]
+        if len(shared):
+            logger.warning(
+                "%d %s molecules also occur in train (duplicates in the data), e.g. %s",
+                len(shared),
+                name,
+                "; ".join(shared.iloc[:3]),
+            )
+
+
+def load_extra(
+    data_args: RegressionDataArguments, frames: dict[str, pd.DataFrame]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """External molecules for the training split: checked, de-duplicated against held-out splits, weighted."""
+    path = data_args.extra_train_file
+    table = read_table(path)
+    smiles_col = find_column(table, data_args.extra_smiles_column, SMILES_CANDIDATES, "SMILES", path)
+    label_col = find_column(table, data_args.extra_label_column, LABEL_CANDIDATES, "label", path)
+    keep = [data_args.extra_train_weights] if data_args.extra_train_weights else []
+    extra = prepare_molecules(
+        table, smiles_col, label_col, source=path, strict=data_args.strict_smiles, keep_columns=keep
+    )
+    n_valid = len(extra)
+    extra, overlap = drop_overlap(
+        extra,
+        {"validation": frames["validation"], "test": frames["test"]},
+        drop=not data_args.keep_extra_overlap,
+    )
+    in_train = extra["canonical_smiles"].isin(set(frames["train"]["canonical_smiles"]))
+    if in_train.any():
+        logger.warning(
+            "%d extra molecules are already in the training split (kept as extra rows).", int(in_train.sum())
+        )
+    if extra.empty:
+        raise ValueError(
+            f"No extra molecules are left from {path} after checks (overlap with held-out splits: {overlap})."
+        )
+    extra["split"] = "train"
+    extra["source"] = f"extra:{Path(path).name}"
+    if data_args.extra_train_weights:
+        extra["sample_weight"] = extra_weights(extra, data_args)
+        frames["train"]["sample_weight"] = 1.0
+    report = {
+        "extra_train_file": str(path),
+        "n_rows": len(table),
+        "n_valid": n_valid,
+        "n_added": len(extra),
+        "overlap_with_heldout": overlap,
+        "already_in_train": int(in_train.sum()),
+        "weights": data_args.extra_train_weights
+        and {"column": data_args.extra_train_weights, "mapping": data_args.weight_mapping},
+    }
+    logger.info("Added %d external molecules from %s to the training split.", len(extra), path)
+    return extra, report
+
+
+def extra_weights(extra: pd.DataFrame, data_args: RegressionDataArguments) -> np.ndarray:
+    """Loss weights of the extra molecules from their --extra_train_weights column (errors name file rows)."""
+    column, path = data_args.extra_train_weights, data_args.extra_train_file
+    values = pd.to_numeric(extra[column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(
+            f"{path}: weight column {column!r} is missing or not numeric at rows {extra['row'][bad].tolist()[:10]}."
+        )
+    if data_args.weight_mapping == "identity" and (values < 0).any():
+        raise ValueError(
+            f"{path}: weight column {column!r} is negative at rows {extra['row'][values < 0].tolist()[:10]}; "
+            "identity weights must be >= 0 (map scores with clip or a softmax mapping)."
+        )
+    return map_weights(values, data_args.weight_mapping, temperature=data_args.weight_temperature)

@@ -9,14 +9,19 @@ embeddings, and a comparison of the label distributions.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 from sklearn.metrics.pairwise import euclidean_distances
 
 from molft.chem import morgan_fingerprints, nearest_neighbour_similarity
+from molft.files import SHIFT_PLOT_FILE, SHIFT_REPORT_FILE
+from molft.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +169,58 @@ def shift_report(
         report["labels"] = label_distribution_summary(external_labels, train_labels)
     else:
         logger.info("No labels for both sets: skipping the label comparison.")
+    return report
+
+
+def shift_diagnostics(
+    output_dir: str | os.PathLike,
+    pool_frame: pd.DataFrame,
+    candidates: np.ndarray,
+    frames: dict[str, pd.DataFrame],
+    *,
+    pool_embeddings: np.ndarray | None = None,
+    train_embeddings: np.ndarray | None = None,
+    n_permutations: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Shift of a pool's candidates relative to the run's training split (test split as the reference).
+
+    `candidates` are positions in `pool_frame` (and in `pool_embeddings`, which cover the whole pool);
+    `frames` the run's train/validation/test frames. Logged, saved to SHIFT_REPORT_FILE and drawn in
+    SHIFT_PLOT_FILE (when the pool has labels).
+    """
+    from molft import plots
+
+    candidate_frame = pool_frame.iloc[candidates]
+    external_labels = candidate_frame["label"].to_numpy() if "label" in candidate_frame else None
+    train_labels = frames["train"]["label"].to_numpy()
+    report = shift_report(
+        candidate_frame["canonical_smiles"].tolist(),
+        frames["train"]["canonical_smiles"].tolist(),
+        reference_smiles=frames["test"]["canonical_smiles"].tolist(),
+        external_embeddings=None if pool_embeddings is None else pool_embeddings[candidates],
+        train_embeddings=train_embeddings,
+        external_labels=external_labels,
+        train_labels=train_labels,
+        n_permutations=n_permutations,
+        seed=seed,
+    )
+    report["reference"] = "test split"
+    report["pool_indices"] = candidates.tolist()
+    logger.info("%s", format_shift_report(report))
+    output_dir = Path(output_dir)
+    write_json(output_dir / SHIFT_REPORT_FILE, report)
+    if external_labels is None:
+        logger.info("The pool has no labels: %s is not drawn.", SHIFT_PLOT_FILE)
+    else:
+        tanimoto = report["tanimoto"]
+        plots.shift_diagnostics_plot(
+            tanimoto["external"]["nn_similarity"],
+            tanimoto["reference"]["nn_similarity"],
+            external_labels,
+            train_labels,
+            output_dir / SHIFT_PLOT_FILE,
+        )
     return report
 
 

@@ -377,10 +377,13 @@ def save_split(
     dataset_source: str,
     extra: dict[str, Any] | None = None,
     similarity: dict[str, Any] | None = None,
+    standardize: str | None = None,
+    columns: dict[str, str | None] | None = None,
 ) -> None:
     """Write split.json: indices, molecules, parameters and the fingerprint of the dataset it belongs to.
 
     `similarity` is `split_similarity(df, split)` when the caller has it already (it is computed otherwise).
+    `standardize` (default: `df.attrs`, set by `prepare_molecules`) and `columns` (the SMILES/label columns) are recorded.
     """
     smiles = df["canonical_smiles"].tolist()
     sizes = split.sizes
@@ -399,13 +402,21 @@ def save_split(
         "smiles": {name: [smiles[i] for i in idx] for name, idx in split.indices().items()},
         "similarity": similarity if similarity is not None else split_similarity(df, split),
         "extra": extra or {},
+        "standardize": standardize or df.attrs.get("standardize"),
+        "columns": columns,
     }
     write_json(path, record)
 
 
-def load_split(path: str | os.PathLike, df: pd.DataFrame) -> SplitResult:
-    """Read split.json and check that it was made for exactly this prepared dataset."""
+def load_split(path: str | os.PathLike, df: pd.DataFrame, standardize: str | None = None) -> SplitResult:
+    """Read split.json and check that it was made for exactly this prepared dataset (and standardisation,
+    `standardize` defaulting to `df.attrs`)."""
     record = read_json(path)
+    made_with, given = record.get("standardize"), standardize or df.attrs.get("standardize")
+    if made_with != given:
+        raise ValueError(
+            f"split.json {path} was made with standardize={made_with!r}, this data with {given!r}; use the same."
+        )
     missing = [
         key for key in ("method", "indices", "n_molecules", "dataset_fingerprint") if key not in record
     ]
@@ -437,61 +448,3 @@ def read_split_smiles(path: str | os.PathLike) -> dict[str, list[str]]:
     if "smiles" not in record:
         raise ValueError(f"{path} has no 'smiles' entry; it is not a split.json written by molft.")
     return {name: list(record["smiles"][name]) for name in SPLIT_NAMES}
-
-
-def load_run_frames(
-    split_file: str | os.PathLike,
-    *,
-    dataset_name: str | None = "lipophilicity",
-    train_file: str | None = None,
-    validation_file: str | None = None,
-    test_file: str | None = None,
-    dataset_config_name: str | None = None,
-    smiles_column: str | None = None,
-    label_column: str | None = None,
-    strict_smiles: bool = False,
-) -> dict[str, pd.DataFrame]:
-    """A finished run's train/validation/test molecules: its data prepared as run_regression.py does, cut by
-    its split.json. The split records a fingerprint of the prepared data, so other data is an error."""
-    from molft.data import (
-        LABEL_CANDIDATES,
-        SMILES_CANDIDATES,
-        find_column,
-        load_raw_dataset,
-        prepare_molecules,
-    )
-
-    raw = load_raw_dataset(
-        None if train_file else dataset_name,
-        train_file=train_file,
-        validation_file=validation_file,
-        test_file=test_file,
-        dataset_config_name=dataset_config_name,
-    )
-    names = ["all"] if "all" in raw.frames else list(SPLIT_NAMES)
-    missing = [name for name in names if name not in raw.frames]
-    if missing:
-        raise ValueError(
-            f"Pre-split data needs train, validation and test parts; {raw.source} lacks {missing}."
-        )
-    prepared = []
-    for name in names:
-        frame, source = raw.frames[name], f"{raw.source} [{name}]"
-        prepared.append(
-            prepare_molecules(
-                frame,
-                find_column(frame, smiles_column, SMILES_CANDIDATES, "SMILES", source),
-                find_column(frame, label_column, LABEL_CANDIDATES, "label", source),
-                source=source,
-                strict=strict_smiles,
-            )
-        )
-    dataset = pd.concat(prepared, ignore_index=True)
-    try:
-        split = load_split(split_file, dataset)
-    except ValueError as err:
-        raise ValueError(
-            f"{err} Give the run's own data options (--dataset_name/--train_file, columns) or its split.json."
-        ) from err
-    logger.info("Split %s of %s: %s", split_file, raw.source, split.sizes)
-    return split_frames(dataset, split)

@@ -6,13 +6,29 @@ import sys
 from pathlib import Path
 from unittest.mock import patch
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-import run_regression
+from configuration_molformer import MolformerConfig
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "molformer-tiny.json"
+
+
+def tiny_config(**overrides) -> MolformerConfig:
+    """configs/molformer-tiny.json (hidden 32, 2 layers, FFN 32), with `overrides` (e.g. vocab_size)."""
+    config = MolformerConfig.from_json_file(str(TINY_CONFIG))
+    config.update(overrides)
+    return config
+
+
+@torch.no_grad()
+def model_predictions(model, tokenizer, smiles: list[str]) -> np.ndarray:
+    """A regression model's predictions for `smiles`, in one padded batch."""
+    model.eval()
+    batch = tokenizer(smiles, padding=True, return_tensors="pt")
+    return model(**batch).logits.view(-1).double().numpy()
 
 
 def head_copy(source: Path, target: Path, n_rows: int) -> Path:
@@ -37,8 +53,10 @@ def train_tiny_regression(train_file: Path, run_dir: Path, *extra: str) -> Path:
         "--dataloader_num_workers", "0",
         *extra,
     ]  # fmt: skip
+    from run_regression import main  # the script's entry point only
+
     with patch.object(sys, "argv", argv):
-        run_regression.main()
+        main()
     return run_dir
 
 

@@ -70,6 +70,53 @@ def test_find_column_rejects_columns_differing_only_in_case():
         find_column(df, None, SMILES_CANDIDATES, "SMILES", "f")
 
 
+def test_find_column_announces_a_guess_with_the_file(caplog):
+    df = pd.DataFrame(columns=["mol", "y"])
+    with caplog.at_level(logging.INFO, logger="molft.data"):
+        assert find_column(df, None, SMILES_CANDIDATES, "SMILES", "data/mol_y.csv") == "mol"
+        assert find_column(df, None, LABEL_CANDIDATES, "label", "data/mol_y.csv") == "y"
+    guesses = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in guesses] == [logging.WARNING, logging.WARNING]
+    assert "data/mol_y.csv" in guesses[0][1] and "using column 'mol'" in guesses[0][1]
+    assert "data/mol_y.csv" in guesses[1][1] and "using column 'y'" in guesses[1][1]
+
+
+def test_find_column_logs_the_expected_name_at_info_and_explicit_names_not_at_all(caplog):
+    df = pd.DataFrame(columns=["SMILES", "label", "y"])
+    with caplog.at_level(logging.INFO, logger="molft.data"):
+        assert find_column(df, None, SMILES_CANDIDATES, "SMILES", "f.csv") == "SMILES"
+        assert find_column(df, "y", LABEL_CANDIDATES, "label", "f.csv") == "y"
+    assert [(r.levelno, "using column 'SMILES'" in r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("columns", "kind", "listed"),
+    [
+        (["mol", "smi", "y"], "SMILES", "['mol', 'smi']"),
+        (["smiles", "exp", "target"], "label", "['exp', 'target']"),
+        (["smiles", "label", "Labels"], "label", "['label', 'Labels']"),
+    ],
+)
+def test_find_column_two_plausible_candidates_are_an_error(columns, kind, listed):
+    candidates = SMILES_CANDIDATES if kind == "SMILES" else LABEL_CANDIDATES
+    df = pd.DataFrame(columns=columns)
+    with pytest.raises(
+        ValueError, match=rf"f\.csv has several plausible {kind} columns: {re.escape(listed)}"
+    ):
+        find_column(df, None, candidates, kind, "f.csv")
+
+
+def test_find_column_the_expected_name_beats_other_candidates():
+    # a prepared frame written back out (predictions, merged training sets) has both
+    df = pd.DataFrame(columns=["smiles", "canonical_smiles", "label", "y"])
+    assert find_column(df, None, SMILES_CANDIDATES, "SMILES", "f") == "smiles"
+    assert find_column(df, None, LABEL_CANDIDATES, "label", "f") == "label"
+    # flat candidate lists still work: each name is a tier of its own, the first present wins
+    assert find_column(df, None, ["y", "label"], "label", "f") == "y"
+
+
 # ---------------------------------------------------------------- prepare_molecules
 
 
@@ -104,6 +151,64 @@ def test_prepare_strict_raises_naming_rows():
     df = _frame(["CCO", "xyz", "CCN"], [1, 2, 3])
     with pytest.raises(ValueError, match=r"t\.csv: 1 SMILES could not be parsed.*row 1: 'xyz'"):
         prepare_molecules(df, "smiles", "y", source="t.csv", strict=True)
+
+
+def test_prepare_drops_text_rdkit_reads_only_in_part(caplog):
+    df = _frame(["CCO", "CCN C", "Oc1ccccc1 Br", "CCO\u00e9", "c1ccccc1", " CCN "], [1, 2, 3, 4, 5, 6])
+    with caplog.at_level(logging.WARNING, logger="molft.data"):
+        out = prepare_molecules(df, "smiles", "y", source="t.csv")
+    assert out["canonical_smiles"].tolist() == ["CCO", "c1ccccc1", "CCN"]
+    assert out["row"].tolist() == [0, 4, 5]
+    assert out["label"].tolist() == [1.0, 5.0, 6.0]
+    message = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "t.csv: dropping 3 of 6 rows" in message
+    assert "row 1: 'CCN C' (whitespace inside the SMILES)" in message
+    assert "row 2: 'Oc1ccccc1 Br' (whitespace inside the SMILES)" in message
+    assert "row 3: 'CCO\u00e9' (characters outside the SMILES alphabet ['\u00e9'])" in message
+
+
+def test_prepare_strict_rejects_text_rdkit_reads_only_in_part():
+    df = _frame(["CCO", "CCN C", "CCO\u00e9"], [1, 2, 3])
+    with pytest.raises(
+        ValueError, match=r"t\.csv: 2 SMILES could not be parsed.*row 1: 'CCN C'.*row 2: 'CCO\u00e9'"
+    ):
+        prepare_molecules(df, "smiles", "y", source="t.csv", strict=True)
+
+
+def test_prepare_reports_multi_component_molecules(caplog):
+    df = _frame(["CN.Br", "CCO", "[Na+].[O-]C(=O)c1ccccc1", "C1.C1"], [1, 2, 3, 4])
+    with caplog.at_level(logging.INFO, logger="molft.data"):
+        out = prepare_molecules(df, "smiles", "y", source="salts.csv")
+    assert out["canonical_smiles"].tolist() == ["Br.CN", "CCO", "O=C([O-])c1ccccc1.[Na+]", "CC"]  # used whole
+    assert "standardize" not in out.attrs
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "salts.csv: 2 of 4 molecules have several components" in warning
+    assert "row 0: 'CN.Br'" in warning and "row 2: '[Na+].[O-]C(=O)c1ccccc1'" in warning
+    assert "row 3" not in warning
+
+
+def test_prepare_standardizes_every_molecule_and_logs_changes(caplog):
+    df = _frame(["CN.Br", "OCC", "[Na+].[O-]C(=O)c1ccccc1", "Oc1ccccn1"], [1, 2, 3, 4])
+    with caplog.at_level(logging.INFO, logger="molft.data"):
+        out = prepare_molecules(df, "smiles", "y", source="salts.csv", standardize="fragment_neutral")
+    assert out["canonical_smiles"].tolist() == ["CN", "CCO", "O=C(O)c1ccccc1", "Oc1ccccn1"]
+    assert out["smiles"].tolist() == df["smiles"].tolist()  # the text as given, for tracing
+    assert out.attrs["standardize"] == "fragment_neutral"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("2 of 4 molecules have several components" in m and "largest fragment" in m for m in messages)
+    (changed,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "salts.csv: standardize='fragment_neutral' changed 2 of 4 molecules" in changed
+    assert (
+        "row 0: 'CN.Br' -> CN" in changed and "row 2: '[Na+].[O-]C(=O)c1ccccc1' -> O=C(O)c1ccccc1" in changed
+    )
+
+    tautomers = prepare_molecules(df, "smiles", "y", source="salts.csv", standardize="tautomer")
+    assert tautomers["canonical_smiles"].tolist() == ["CN", "CCO", "O=C(O)c1ccccc1", "O=c1cccc[nH]1"]
+    assert tautomers.attrs["standardize"] == "tautomer"
+    unchanged = prepare_molecules(df, "smiles", "y", source="salts.csv", standardize="none")
+    assert unchanged.attrs == {} and unchanged["canonical_smiles"].tolist()[1] == "CCO"
+    with pytest.raises(ValueError, match="standardize must be one of"):
+        prepare_molecules(df, "smiles", "y", source="salts.csv", standardize="salts")
 
 
 def test_prepare_uses_integer_index_as_row_number():

@@ -33,7 +33,9 @@ def test_golden_outputs_match_reference(golden_dir, folder, auto_class, outputs)
     for name in outputs:
         torch.testing.assert_close(getattr(out, name), io[f"output.{name}"], atol=1e-5, rtol=1e-5)
     for i in range(3):
-        torch.testing.assert_close(out.hidden_states[i], io[f"output.hidden_states.{i}"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out.hidden_states[i], io[f"output.hidden_states.{i}"], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_xl_config_parameter_counts(golden_dir):

@@ -467,7 +467,9 @@ def test_forward_mode_derivatives_stay_finite_on_padded_batches():
     from molft.influence import InfluenceProblem, select_parameters
 
     torch.manual_seed(0)
-    config = MolformerConfig.from_json_file(str(Path(__file__).resolve().parents[1] / "configs/molformer-tiny.json"))
+    config = MolformerConfig.from_json_file(
+        str(Path(__file__).resolve().parents[1] / "configs/molformer-tiny.json")
+    )
     config.vocab_size = 20
     model = MolformerForRegression(config).eval()
     ids = torch.tensor([[0, 5, 6, 7, 1, 2, 2], [0, 5, 1, 2, 2, 2, 2], [0, 5, 6, 7, 8, 9, 1]])

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from configuration_molformer import MolformerConfig
 from modeling_molformer_reg import MolformerForRegression
+from molft.files import BASE_MODEL_DIR
 from molft.peft_setup import PeftOptions, apply_peft, load_regression_checkpoint, trainable_parameters
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "molformer-tiny.json"
 VOCAB = 40
 # configs/molformer-tiny.json: hidden 32, 2 layers, FFN 32, the reference two-layer head
 EMBEDDINGS = VOCAB * 32
@@ -25,10 +25,7 @@ LAYER_BIASES = 8 * 32  # q, k, v, attention output, its LayerNorm, FFN in, FFN o
 
 def tiny_model(seed: int = 0, **overrides) -> MolformerForRegression:
     torch.manual_seed(seed)
-    config = MolformerConfig.from_json_file(str(TINY_CONFIG))
-    config.vocab_size = VOCAB
-    config.update(overrides)
-    return MolformerForRegression(config)
+    return MolformerForRegression(tiny_config(vocab_size=VOCAB, **overrides))
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -51,7 +48,7 @@ def test_hand_count_matches_the_model():
 
 def test_full_fine_tuning_trains_everything():
     model = tiny_model()
-    assert apply_peft(model, PeftOptions(method="none")) is model
+    assert apply_peft(model, PeftOptions(peft="none")) is model
     assert trainable_parameters(model) == {
         "trainable_params": TOTAL,
         "total_params": TOTAL,
@@ -60,7 +57,7 @@ def test_full_fine_tuning_trains_everything():
 
 
 def test_bitfit_trains_only_biases_and_the_head():
-    model = apply_peft(tiny_model(), PeftOptions(method="bitfit"))
+    model = apply_peft(tiny_model(), PeftOptions(peft="bitfit"))
     names = trainable_names(model)
     assert names and all(n.endswith(".bias") or n.startswith("classifier.") for n in names)
     assert (
@@ -76,7 +73,7 @@ def test_bitfit_trains_only_biases_and_the_head():
 def test_lora_trains_only_adapters_and_the_head_and_starts_as_the_base():
     base = tiny_model()
     before = predict(base)
-    model = apply_peft(base, PeftOptions(method="lora", lora_r=4))
+    model = apply_peft(base, PeftOptions(peft="lora", lora_r=4))
     names = trainable_names(model)
     assert all("lora_" in n or ".classifier.modules_to_save." in n for n in names)
     # every default target of both layers is adapted, the head never is
@@ -102,7 +99,7 @@ def test_lora_trains_only_adapters_and_the_head_and_starts_as_the_base():
 
 
 def test_lora_comma_list_targets():
-    model = apply_peft(tiny_model(), PeftOptions(method="lora", lora_r=2, lora_target_modules="query,value"))
+    model = apply_peft(tiny_model(), PeftOptions(peft="lora", lora_r=2, lora_target_modules="query,value"))
     lora_modules = {n.split(".lora_")[0] for n in trainable_names(model) if "lora_" in n}
     assert {m.rsplit(".", 1)[1] for m in lora_modules} == {"query", "value"} and len(lora_modules) == 4
     assert trainable_parameters(model)["trainable_params"] == 4 * 2 * 64 + HEAD
@@ -111,7 +108,7 @@ def test_lora_comma_list_targets():
 def test_ia3_trains_only_scalings_and_the_head():
     base = tiny_model()
     before = predict(base)
-    model = apply_peft(base, PeftOptions(method="ia3"))
+    model = apply_peft(base, PeftOptions(peft="ia3"))
     names = trainable_names(model)
     assert all("ia3_l" in n or ".classifier.modules_to_save." in n for n in names)
     scaled = sorted(n.split("layer.")[1].split(".ia3_l")[0] for n in names if "ia3_l" in n)
@@ -123,14 +120,14 @@ def test_ia3_trains_only_scalings_and_the_head():
 
 
 def test_ia3_init_value():
-    model = apply_peft(tiny_model(), PeftOptions(method="ia3", ia3_init_value=0.5))
+    model = apply_peft(tiny_model(), PeftOptions(peft="ia3", ia3_init_value=0.5))
     scalings = [p for n, p in model.named_parameters() if "ia3_l" in n]
     assert len(scalings) == 6 and all(torch.all(p == 0.5) for p in scalings)
 
 
 def test_unknown_method_is_an_error():
     with pytest.raises(ValueError, match="--peft must be one of"):
-        apply_peft(tiny_model(), PeftOptions(method="prefix"))
+        apply_peft(tiny_model(), PeftOptions(peft="prefix"))
 
 
 def _train_a_little(model) -> None:
@@ -141,7 +138,7 @@ def _train_a_little(model) -> None:
 
 
 def test_full_checkpoint_reloads(tmp_path):
-    model = apply_peft(tiny_model(target_mean=3.0, target_std=2.0), PeftOptions(method="bitfit"))
+    model = apply_peft(tiny_model(target_mean=3.0, target_std=2.0), PeftOptions(peft="bitfit"))
     _train_a_little(model)
     model.save_pretrained(tmp_path / "run")
     reloaded = load_regression_checkpoint(tmp_path / "run")
@@ -153,9 +150,9 @@ def adapter_run(tmp_path) -> tuple[Path, torch.Tensor]:
     """An adapter saved like run_regression.py saves it: base in <run>/base_model, run config next to it."""
     base = tiny_model(target_mean=3.0, target_std=2.0)
     run = tmp_path / "run"
-    base.save_pretrained(run / "base_model")
-    model = apply_peft(base, PeftOptions(method="lora", lora_r=2))
-    model.peft_config["default"].base_model_name_or_path = str(run / "base_model")
+    base.save_pretrained(run / BASE_MODEL_DIR)
+    model = apply_peft(base, PeftOptions(peft="lora", lora_r=2))
+    model.peft_config["default"].base_model_name_or_path = str(run / BASE_MODEL_DIR)
     _train_a_little(model)
     model.save_pretrained(run)
     model.base_model.model.config.save_pretrained(run)
@@ -175,7 +172,7 @@ def test_moved_run_directory_still_finds_its_base(adapter_run, tmp_path):
 
 def test_missing_base_is_a_clear_error(adapter_run):
     run, _ = adapter_run
-    shutil.rmtree(run / "base_model")
+    shutil.rmtree(run / BASE_MODEL_DIR)
     with pytest.raises(FileNotFoundError, match="was not found"):
         load_regression_checkpoint(run)
     config = json.loads((run / "adapter_config.json").read_text())

@@ -74,6 +74,19 @@ def test_loss_curves_with_and_without_eval(tmp_path):
         plots.loss_curves([{"train_runtime": 1.0}])
 
 
+def test_loss_curves_of_another_metric():
+    history = [{"loss": 3.0, "step": 5}, {"eval_loss": 2.5, "eval_masked_accuracy": 0.3, "step": 10}]
+    fig = plots.loss_curves(
+        history, metric="eval_masked_accuracy", metric_name="accuracy", loss_name="cross-entropy", title="MLM"
+    )
+    loss_ax, metric_ax = fig.axes
+    assert (loss_ax.get_title(), loss_ax.get_ylabel()) == ("MLM", "cross-entropy")
+    assert (metric_ax.get_title(), metric_ax.get_ylabel()) == ("evaluation accuracy", "accuracy")
+    assert list(metric_ax.lines[0].get_ydata()) == [0.3]
+    with pytest.raises(ValueError, match="'eval_masked_accuracy'"):
+        plots.loss_curves([{"train_runtime": 1.0}], metric="eval_masked_accuracy")
+
+
 def test_score_histogram(tmp_path):
     path = tmp_path / "scores.png"
     fig = plots.score_histogram(np.linspace(-1, 1, 101), path=path, bins=20, title="influence")

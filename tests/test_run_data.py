@@ -1,4 +1,4 @@
-"""RunDataArguments: the downstream scripts rebuild a run's frames from its split.json, or refuse."""
+"""molft.run_data: a run's dataset prepared once, and rebuilt by the downstream scripts from its split.json."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from molft.data import prepare_molecules
-from molft.run_data import RunDataArguments
+from molft.run_data import RegressionDataArguments, RunDataArguments, prepare_data
 from molft.splits import make_split, save_split
 
 SMILES = [
@@ -65,3 +65,28 @@ def test_use_model_split_without_a_file(tmp_path):
     assert optional.split_file is None
     with pytest.raises(FileNotFoundError, match="holds no split.json"):
         RunDataArguments().use_model_split(str(tmp_path), required=True)
+
+
+def test_presplit_files_are_the_same_dataset_for_the_run_and_its_readers(tmp_path):
+    frame = pd.DataFrame({"smiles": SMILES, "y": [0.1 * i for i in range(len(SMILES))]})
+    files = {}
+    for name, rows in (("train", slice(0, 14)), ("validation", slice(14, 17)), ("test", slice(17, 20))):
+        files[name] = str(tmp_path / f"{name}.csv")
+        frame.iloc[rows].to_csv(files[name], index=False)
+    options = {
+        "train_file": files["train"],
+        "validation_file": files["validation"],
+        "test_file": files["test"],
+    }
+    data = prepare_data(RegressionDataArguments(**options))
+    assert data.is_presplit and data.split.sizes == {"train": 14, "validation": 3, "test": 3}
+    save_split(tmp_path / "split.json", data.dataset, data.split, dataset_source=data.source)
+    frames = RunDataArguments(split_file=str(tmp_path / "split.json"), **options).load_frames()
+    for name, part in frames.items():
+        assert part["canonical_smiles"].tolist() == data.frames[name]["canonical_smiles"].tolist()
+    with pytest.raises(
+        ValueError, match=r"Pre-split data needs train, validation and test parts; missing \['test'\]"
+    ):
+        RunDataArguments(
+            split_file=str(tmp_path / "split.json"), **{**options, "test_file": None}
+        ).load_frames()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,17 +15,26 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
-import torch
 import yaml
 from helpers import head_copy, single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
-from torch import nn
 
 import run_influence
 from configuration_molformer import MolformerConfig
 from modeling_molformer import MolformerForMaskedLM
-from molft.cli import parse_args
-from molft.influence import InfluenceProblem, LiSSADivergenceError, squared_error_loss
-from molft.io import DONE_MARKER, read_json
+from molft.files import (
+    DONE_MARKER,
+    INFLUENCE_HISTOGRAM_FILE,
+    INFLUENCE_MATRIX_FILE,
+    INFLUENCE_QUERIES_FILE,
+    INFLUENCE_SCORES_FILE,
+    INFLUENCE_SUMMARY_FILE,
+    SPLIT_FILE,
+    VALIDATION_CSV,
+    VALIDATION_MD,
+)
+from molft.influence import LiSSADivergenceError
+from molft.influence.report import DIRECTION
+from molft.io import read_json
 from molft.selection import check_scores_match_pool, load_pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +90,7 @@ def influence(runs: Runs, output_dir: Path, *options: str | Path, model: Path | 
 
 
 def read_scores(output_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(output_dir / run_influence.SCORES_FILE)
+    return pd.read_csv(output_dir / INFLUENCE_SCORES_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +117,16 @@ def test_every_estimator_writes_finite_ranked_scores(head_runs, runs, estimator)
     assert sorted(scores["rank"]) == list(range(1, N_POOL + 1))
     assert scores.loc[scores["rank"] == 1, "score"].item() == scores["score"].min()
     assert (scores["helpful"] == (scores["score"] < 0)).all()
-    assert set(scores["direction"]) == {run_influence.DIRECTION}
+    assert set(scores["direction"]) == {DIRECTION}
     # the file is what run_selection.py --strategy influence accepts for this pool
     np.testing.assert_array_equal(check_scores_match_pool(scores, load_pool(runs.pool_file)), scores["score"])
     assert summary["estimator"] == estimator
     assert summary["scope"]["name"] == "head" and summary["scope"]["num_params"] == HEAD_PARAMS
     assert summary["query"] == {"split": "validation", "size": N_QUERY, "per_query": False}
     assert summary["train_size_for_hessian"] == N_TRAIN
-    assert (output_dir / run_influence.HISTOGRAM_FILE).stat().st_size > 0
+    assert (output_dir / INFLUENCE_HISTOGRAM_FILE).stat().st_size > 0
     assert read_json(output_dir / DONE_MARKER)["estimator"] == estimator
-    assert read_json(output_dir / run_influence.SUMMARY_FILE)["estimator"] == estimator
+    assert read_json(output_dir / INFLUENCE_SUMMARY_FILE)["estimator"] == estimator
 
 
 def test_exact_and_cg_agree(head_runs):
@@ -152,7 +164,7 @@ def test_summary_statistics_and_provenance(head_runs, runs):
     assert thresholds["percentile_10"]["threshold"] == pytest.approx(np.percentile(values, 10))
     assert summary["external_file"]["sha256"] == hashlib.sha256(runs.pool_file.read_bytes()).hexdigest()
     assert summary["checkpoint"]["kind"] == "full"
-    assert summary["split_file"] == str(runs.full / "split.json")
+    assert summary["split_file"] == str(runs.full / SPLIT_FILE)
     assert summary["curvature"] == "gauss_newton"
     assert summary["convergence"]["iterations"] >= 1 and summary["ihvp_norm"][0] > 0
 
@@ -169,11 +181,11 @@ def test_head_on_features_equals_the_whole_model(head_runs, runs):
 def test_per_query_matrix_averages_to_the_scores(head_runs, runs):
     output_dir = runs.tmp / "per_query"
     influence(runs, output_dir, "--estimator", "exact", "--per_query")
-    matrix = np.load(output_dir / run_influence.MATRIX_FILE)
+    matrix = np.load(output_dir / INFLUENCE_MATRIX_FILE)
     assert matrix.shape == (N_QUERY, N_POOL)
     np.testing.assert_allclose(matrix.mean(axis=0), read_scores(output_dir)["score"], rtol=1e-10)
     np.testing.assert_allclose(matrix.mean(axis=0), head_runs["exact"][0]["score"], rtol=1e-6)
-    queries = pd.read_csv(output_dir / run_influence.QUERIES_FILE)
+    queries = pd.read_csv(output_dir / INFLUENCE_QUERIES_FILE)
     assert queries["query_row"].tolist() == list(range(N_QUERY))
 
 
@@ -240,7 +252,7 @@ def test_validate_compares_estimators_with_exact_and_retraining(runs):
         runs, output_dir, "--estimator", "gradient_dot", "--validate",
         "--validate_estimators", "exact,cg,lissa,datainf,gradient_dot",
     )  # fmt: skip
-    table = pd.read_csv(output_dir / run_influence.VALIDATION_CSV).set_index("estimator")
+    table = pd.read_csv(output_dir / VALIDATION_CSV).set_index("estimator")
     assert list(table.index) == ["retrain (truth)", "exact", "cg", "lissa", "datainf", "gradient_dot"]
     assert list(table.columns) == ["spearman_vs_exact", "spearman_vs_retrain", "seconds", "note"]
     assert table.loc["exact", "spearman_vs_exact"] == pytest.approx(1.0)
@@ -252,7 +264,7 @@ def test_validate_compares_estimators_with_exact_and_retraining(runs):
         table.loc["exact", "spearman_vs_retrain"]
     )
     assert (table["seconds"] >= 0).all()
-    markdown = (output_dir / run_influence.VALIDATION_MD).read_text()
+    markdown = (output_dir / VALIDATION_MD).read_text()
     assert "| estimator | spearman_vs_exact | spearman_vs_retrain | seconds | note |" in markdown
     assert [row["estimator"] for row in summary["validation"]] == list(table.index)
 
@@ -266,21 +278,55 @@ def test_help_explains_every_option(capsys):
         assert option in help_text
 
 
-def test_example_config_feeds_the_selection_example():
-    arguments = parse_args(run_influence.ARGUMENT_TYPES, [str(ROOT / "configs" / "influence_example.yaml")])
-    influence_args, _, pool_args, _, model_args, _, output_args = arguments
-    assert (influence_args.estimator, influence_args.scope, influence_args.query_split) == (
+def test_example_config_feeds_the_selection_example(runs):
+    """The example config parses (dtype, keep_heldout_overlap included) and names what selection reads."""
+    example = ROOT / "configs" / "influence_example.yaml"
+    summary = run_influence.main(
+        [
+            str(example),
+            "--model_name_or_path", str(runs.full), "--train_file", str(runs.train_file),
+            "--external_file", str(runs.pool_file), "--output_dir", str(runs.tmp / "example"), *QUIET,
+        ]
+    )  # fmt: skip
+    influence_args = summary["arguments"]["InfluenceArguments"]
+    assert (influence_args["estimator"], influence_args["scope"], influence_args["query_split"]) == (
         "cg",
         "head",
         "validation",
     )
+    assert influence_args["dtype"] == "float64" and summary["dtype"] == "float64"
+    assert summary["arguments"]["PoolArguments"]["keep_heldout_overlap"] is False
+    config = yaml.safe_load(example.read_text())
     selection = yaml.safe_load((ROOT / "configs" / "selection_example.yaml").read_text())
-    assert selection["scores_file"] == f"{output_args.output_dir}/{run_influence.SCORES_FILE}"
-    assert selection["external_file"] == pool_args.external_file
-    assert selection["model_name_or_path"] == model_args.model_name_or_path
+    assert selection["scores_file"] == f"{config['output_dir']}/{INFLUENCE_SCORES_FILE}"
+    assert selection["external_file"] == config["external_file"]
+    assert selection["model_name_or_path"] == config["model_name_or_path"]
+
+
+def test_command_line_run_completes(runs):
+    """`python run_influence.py ...` itself, as a user runs it (a crash at import went unnoticed once)."""
+    output_dir = runs.tmp / "command_line"
+    command = [
+        sys.executable, "run_influence.py",
+        "--model_name_or_path", str(runs.full), "--train_file", str(runs.train_file),
+        "--external_file", str(runs.pool_file), "--output_dir", str(output_dir),
+        "--estimator", "gradient_dot", *QUIET,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / INFLUENCE_SCORES_FILE).is_file()
+    assert (output_dir / DONE_MARKER).is_file()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_model_is_an_error(runs):
+    with pytest.raises(ValueError, match="--model_name_or_path is required"):
+        run_influence.main(
+            ["--external_file", str(runs.pool_file), "--output_dir", str(runs.tmp / "no_model"), *QUIET]
+        )
 
 
 def test_adapter_without_its_base_is_an_error(runs):
@@ -309,7 +355,7 @@ def test_masked_lm_checkpoint_is_an_error(runs):
     config = MolformerConfig.from_json_file(TINY_CONFIG)
     mlm_dir = runs.tmp / "mlm"
     MolformerForMaskedLM(config).save_pretrained(mlm_dir)
-    shutil.copy(runs.full / "split.json", mlm_dir / "split.json")
+    shutil.copy(runs.full / SPLIT_FILE, mlm_dir / SPLIT_FILE)
     with pytest.raises(ValueError, match="not a fine-tuned regression checkpoint.*MolformerForMaskedLM"):
         influence(runs, runs.tmp / "from_mlm", model=mlm_dir)
 
@@ -330,89 +376,13 @@ def test_lissa_divergence_is_a_clear_error(runs):
     output_dir = runs.tmp / "diverged"
     with pytest.raises(LiSSADivergenceError, match="--lissa_scale auto"):
         influence(runs, output_dir, "--estimator", "lissa", "--lissa_scale", "1e-4")
-    assert not (output_dir / run_influence.SCORES_FILE).exists()
+    assert not (output_dir / INFLUENCE_SCORES_FILE).exists()
 
 
 def test_missing_split_and_finished_output_are_errors(runs, head_runs):
     bare = runs.tmp / "bare"
-    shutil.copytree(runs.full, bare, ignore=shutil.ignore_patterns("split.json", "checkpoint-*"))
+    shutil.copytree(runs.full, bare, ignore=shutil.ignore_patterns(SPLIT_FILE, "checkpoint-*"))
     with pytest.raises(FileNotFoundError, match="split.json"):
         influence(runs, runs.tmp / "no_split", model=bare)
     with pytest.raises(ValueError, match="overwrite_output_dir"):
         influence(runs, head_runs["cg"][2])
-
-
-# --------------------------------------------------------------------------------------------- the pieces
-
-
-def test_score_statistics_by_hand():
-    scores = np.arange(-20.0, 40.0)  # 60 values, 20 negative, symmetric around 9.5
-    stats = run_influence.score_statistics(scores)
-    assert stats["n_helpful"] == 20 and stats["mean"] == 9.5 and stats["skew"] == pytest.approx(0.0)
-    thresholds = stats["selection_thresholds"]
-    assert [thresholds[f"top_{k}"]["threshold"] for k in (10, 30, 50)] == [-11.0, 9.0, 29.0]
-    assert thresholds["helpful"] == {"rule": "score < 0", "threshold": 0.0, "n_selected": 20}
-    # linear interpolation: position 0.1 * 59 = 5.9 -> -14.1 (6 scores at or below); 0.25 * 59 -> -5.25 (15)
-    assert thresholds["percentile_10"]["threshold"] == pytest.approx(-14.1)
-    assert thresholds["percentile_10"]["n_selected"] == 6
-    assert thresholds["percentile_25"]["threshold"] == pytest.approx(-5.25)
-    assert thresholds["percentile_25"]["n_selected"] == 15
-
-
-def test_score_table_ranks_and_flags_split_members():
-    pool = pd.DataFrame(
-        {"smiles": ["C", "CC", "CCC"], "canonical_smiles": ["C", "CC", "CCC"], "label": [1.0, 2.0, 3.0]}
-    )
-    frames = {
-        "train": pd.DataFrame({"canonical_smiles": ["CC"]}),
-        "validation": pd.DataFrame({"canonical_smiles": ["N"]}),
-        "test": pd.DataFrame({"canonical_smiles": ["CCC"]}),
-    }
-    table = run_influence.score_table(pool, np.array([0.5, -2.0, -0.1]), frames)
-    assert table["rank"].tolist() == [3, 1, 2]
-    assert table["helpful"].tolist() == [False, True, True]
-    assert table["in_run_split"].tolist() == ["", "train", "test"]
-
-
-def test_linearised_forward_gives_the_gauss_newton_matrix():
-    torch.manual_seed(0)
-    head = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-    params = dict(head.named_parameters())
-    batches = [{"x": torch.randn(6, 4, dtype=torch.float64), "labels": torch.randn(6, dtype=torch.float64)}]
-
-    def forward(model: nn.Module, batch: dict) -> torch.Tensor:
-        return model(batch["x"])
-
-    true = InfluenceProblem(head, params, forward_fn=forward)
-    gauss_newton = InfluenceProblem(head, params, forward_fn=run_influence.LinearisedForward(forward, params))
-    features = batches[0]["x"]
-    jacobian = torch.func.jacrev(lambda p: torch.func.functional_call(head, p, (features,)).reshape(-1))(
-        {name: param.detach() for name, param in params.items()}
-    )
-    jacobian = torch.cat([jacobian[name].reshape(6, -1) for name in params], dim=1)
-    expected = jacobian.T @ jacobian / 6
-    np.testing.assert_allclose(gauss_newton.hessian(batches), expected, atol=1e-12)
-    assert torch.linalg.eigvalsh(true.hessian(batches))[0] < -1e-3  # the true Hessian is indefinite here
-    np.testing.assert_allclose(gauss_newton.per_sample_grads(batches[0]), true.per_sample_grads(batches[0]))
-
-
-def test_influence_loss_is_half_the_normalised_training_loss():
-    config = MolformerConfig(target_mean=3.0, target_std=2.0)
-    loss_fn, description = run_influence.influence_loss(config)
-    predictions = torch.tensor([[1.0], [5.0]], dtype=torch.float64)
-    batch = {"labels": torch.tensor([2.0, 2.0], dtype=torch.float64)}
-    # 0.5 * ((1 - 2) / 2)^2 and 0.5 * ((5 - 2) / 2)^2
-    np.testing.assert_allclose(loss_fn(predictions, batch), [0.125, 1.125])
-    assert "0.5" in description
-    np.testing.assert_allclose(
-        squared_error_loss(predictions / 2, {"labels": batch["labels"] / 2}), loss_fn(predictions, batch)
-    )
-
-
-def test_lissa_truncation_is_flagged(caplog):
-    # the slowest direction contracts by (1 - damping / scale) per step: 3 e-folds need 3 x 10 / 0.01 steps
-    run_influence.warn_if_lissa_truncated({"scale": 10.0}, {"damping": 0.01, "depth": 1000})
-    assert "short of the ~3000 steps" in caplog.text
-    caplog.clear()
-    run_influence.warn_if_lissa_truncated({"scale": 10.0}, {"damping": 0.1, "depth": 1000})
-    assert caplog.text == ""

@@ -25,25 +25,23 @@ import pytest
 import torch
 import transformers
 import yaml
-from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+from helpers import TINY_CONFIG, model_predictions
+from transformers import AutoTokenizer
 
-import run_regression
-from configuration_molformer import MolformerConfig
-from modeling_molformer import MolformerForMaskedLM
+import molft.regression
 from modeling_molformer_reg import MolformerForRegression
+from molft import cli
 from molft.chem import canonical_smiles, murcko_scaffold
-from molft.cli import parse_args
 from molft.data import prepare_molecules
 from molft.io import read_json
 from molft.metrics import METRIC_NAMES, regression_metrics
 from molft.peft_setup import load_regression_checkpoint
 from molft.splits import make_split
-from run_regression import target_statistics
+from run_regression import main
 from tokenization_molformer import MolformerTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ROOT / "configs" / "regression_tiny.yaml"
-TINY_MODEL = ROOT / "configs" / "molformer-tiny.json"
 N_MOLECULES = 160  # split 128 / 16 / 16
 INVALID_SMILES = ["C1CC", "not a smiles"]
 PREDICT_SMILES = ["CCO", "c1ccccc1C(=O)O", "C1CC", "CN1CCN(CC1)c1ccccc1", "O=C(Nc1ccccc1)c1ccncc1"]
@@ -69,7 +67,10 @@ class Run:
 
 
 def run_main(*args, patches: dict | None = None) -> str:
-    """Call run_regression.main() with `args` as sys.argv; return what it logged."""
+    """Call run_regression.main() with `args` as sys.argv; return what it logged.
+
+    `patches` replace attributes of molft.regression (e.g. a spy on apply_peft) during the run.
+    """
     records: list[str] = []
 
     class Collect(logging.Handler):
@@ -90,10 +91,10 @@ def run_main(*args, patches: dict | None = None) -> str:
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(sys, "argv", ["run_regression.py", *map(str, args)])
-            patch.setattr(run_regression, "setup_logging", quiet_logging)
+            patch.setattr(cli, "setup_logging", quiet_logging)
             for name, value in (patches or {}).items():
-                patch.setattr(run_regression, name, value)
-            run_regression.main()
+                patch.setattr(molft.regression, name, value)
+            main()
     finally:
         root.removeHandler(handler)
         torch.set_num_threads(threads)
@@ -105,7 +106,7 @@ def run_main(*args, patches: dict | None = None) -> str:
 
 def tiny_args(train_file, output_dir, *extra) -> list[str]:
     return [
-        TINY_RUN, "--config_name", TINY_MODEL, "--train_file", train_file, "--output_dir", output_dir,
+        TINY_RUN, "--config_name", TINY_CONFIG, "--train_file", train_file, "--output_dir", output_dir,
         *map(str, extra),
     ]  # fmt: skip
 
@@ -117,7 +118,7 @@ def start(train_file, output_dir, *extra, patches=None) -> Run:
 
 def spy_on_peft(captured: dict):
     """Wrap apply_peft to keep the model being trained and a copy of its starting parameters."""
-    original = run_regression.apply_peft
+    original = molft.regression.apply_peft
 
     def apply_peft(model, options):
         wrapped = original(model, options)
@@ -131,13 +132,6 @@ def spy_on_peft(captured: dict):
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     frame.to_csv(path, index=False)
     return path
-
-
-@torch.no_grad()
-def model_predictions(model, tokenizer, smiles: list[str]) -> np.ndarray:
-    model.eval()
-    batch = tokenizer(smiles, padding=True, return_tensors="pt")
-    return model(**batch).logits.view(-1).double().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,23 +322,6 @@ def test_best_epoch_is_restored_and_batches_are_length_grouped(full_run):
     assert training["load_best_model_at_end"] and training["optim"].startswith("adamw")
 
 
-def test_mixed_precision_where_the_gpu_supports_it(monkeypatch, tmp_path):
-    def configured(bf16_supported: bool, *flags: str):
-        *_, data_args, run_args, training_args = parse_args(
-            run_regression.ARGUMENT_TYPES, ["--output_dir", str(tmp_path), *flags]
-        )
-        with monkeypatch.context() as gpu:  # pretend only after parsing: TrainingArguments would pick the GPU
-            gpu.setattr(torch.cuda, "is_available", lambda: True)
-            gpu.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
-            run_regression.configure_training(training_args, data_args, run_args)
-        return training_args
-
-    assert configured(True).bf16 and configured(True).mixed_precision == "bf16"
-    assert configured(False).fp16 and configured(False).mixed_precision == "fp16"
-    assert configured(True, "--auto_mixed_precision", "false").mixed_precision == "no"
-    assert configured(True, "--use_cpu").mixed_precision == "no"
-
-
 def test_predictions_match_input_labels_and_metrics(full_run):
     predictions = full_run.predictions()
     assert list(predictions.columns[:5]) == ["smiles", "canonical_smiles", "label", "prediction", "split"]
@@ -362,7 +339,7 @@ def test_predictions_match_input_labels_and_metrics(full_run):
 
 def test_invalid_smiles_are_dropped_and_reported(full_run):
     assert read_json(full_run.path / "split.json")["n_molecules"] == N_MOLECULES
-    assert "dropping 2 of 162 rows whose SMILES RDKit cannot parse" in full_run.log
+    assert "dropping 2 of 162 rows whose SMILES are invalid or RDKit cannot parse" in full_run.log
     assert "row 3: 'C1CC'" in full_run.log and "row 4: 'not a smiles'" in full_run.log
     assert not set(INVALID_SMILES) & set(full_run.predictions()["smiles"])
 
@@ -404,12 +381,18 @@ def test_model_card_code_runs(run_name, request):
     assert float(eval(call, namespace)[0]) == pytest.approx(expected["prediction"], abs=1e-5)
 
 
-def test_resolved_config_reruns_the_same_options(full_run):
-    original = parse_args(run_regression.ARGUMENT_TYPES, full_run.args)
-    rerun = parse_args(run_regression.ARGUMENT_TYPES, [str(full_run.path / "run_options.yaml")])
-    for before, after in zip(original[:4], rerun[:4], strict=True):
-        assert before == after
-    assert original[4].to_dict() == rerun[4].to_dict()
+def test_resolved_config_reruns_the_same_options(full_run, workdir):
+    """run_options.yaml, given back to the script, resolves to the run's every setting (tests/test_run_record.py
+    checks the same round trip option by option)."""
+    out = workdir / "rerun_options"
+    run_main(full_run.path / "run_options.yaml", "--output_dir", out, "--do_train", "false")
+    original, rerun = read_json(full_run.path / "run_config.json"), read_json(out / "run_config.json")
+    for group in ("model", "peft", "data", "run"):
+        assert original[group] == rerun[group], group
+    changed = {"output_dir", "do_train"}  # the two options given on top of the file
+    assert {k: v for k, v in original["training"].items() if k not in changed} == {
+        k: v for k, v in rerun["training"].items() if k not in changed
+    }
     resolved = yaml.safe_load((full_run.path / "run_options.yaml").read_text())
     assert resolved["num_train_epochs"] == 2 and resolved["predict_file"].endswith("to_predict.csv")
 
@@ -532,7 +515,10 @@ def test_presplit_files(lipophilicity, workdir):
 def test_strict_smiles_is_an_error(lipophilicity, workdir):
     frame = lipophilicity.iloc[:40].copy()
     frame.loc[3, "smiles"] = "C1CC"
-    with pytest.raises(ValueError, match=r"1 SMILES could not be parsed by RDKit \(row 3: 'C1CC'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 SMILES could not be parsed by RDKit as written \(row 3: 'C1CC' \(RDKit cannot parse it\)\)",
+    ):
         start(write_csv(frame, workdir / "strict.csv"), workdir / "strict", "--strict_smiles")
 
 
@@ -712,17 +698,6 @@ def test_zero_weight_equals_leaving_the_molecule_out(extra_runs):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_target_statistics_by_hand():
-    labels = np.array([1.0, 2.0, 3.0, 6.0])
-    assert target_statistics(labels, "none") == (0.0, 1.0)
-    assert target_statistics(labels, "standard") == pytest.approx((3.0, np.sqrt(14 / 4)))
-    assert target_statistics(labels, "minmax") == (1.0, 5.0)
-    # a zero-weight molecule does not count
-    assert target_statistics(labels, "standard", [1, 1, 1, 0]) == pytest.approx((2.0, np.sqrt(2 / 3)))
-    assert target_statistics(labels, "minmax", [0, 1, 1, 1]) == (2.0, 4.0)
-    assert target_statistics(np.full(3, 5.0), "standard") == (5.0, 1.0)
-
-
 @pytest.mark.parametrize("scaling", ["standard", "minmax"])
 def test_predictions_stay_in_label_units(scaling, lipophilicity, workdir):
     shifted = lipophilicity.iloc[:N_MOLECULES].assign(exp=lambda f: f["exp"] + 100.0)
@@ -742,35 +717,8 @@ def test_predictions_stay_in_label_units(scaling, lipophilicity, workdir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Models and the Trainer
+# Training
 # ----------------------------------------------------------------------------------------------------------
-
-
-def test_masked_lm_checkpoint_starts_the_encoder(data_csv, tmp_path):
-    """A run_mlm.py output: encoder weights and tokenizer come from it, the regression head is new."""
-    smiles = [canonical_smiles(s) for s in pd.read_csv(data_csv)["smiles"]]
-    tokenizer = MolformerTokenizer.from_smiles(smiles)
-    config = MolformerConfig.from_json_file(str(TINY_MODEL))
-    config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
-    torch.manual_seed(0)
-    MolformerForMaskedLM(config).save_pretrained(tmp_path / "mlm")
-    tokenizer.save_pretrained(tmp_path / "mlm")
-    mlm = MolformerForMaskedLM.from_pretrained(tmp_path / "mlm")
-    model_args, peft_args, data_args, run_args, training_args = parse_args(
-        run_regression.ARGUMENT_TYPES,
-        [str(TINY_RUN), "--model_name_or_path", str(tmp_path / "mlm"), "--output_dir", str(tmp_path / "out")],
-    )
-    loaded_tokenizer = run_regression.load_tokenizer(model_args, None)
-    train = pd.DataFrame({"canonical_smiles": smiles, "label": np.linspace(0, 3, len(smiles))})
-    factory = run_regression.ModelFactory.create(
-        model_args, peft_args, loaded_tokenizer, train, training_args
-    )
-    model = factory.build()
-    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
-    encoder, reference = model.molformer.state_dict(), mlm.molformer.state_dict()
-    assert encoder.keys() == reference.keys()
-    assert all(torch.equal(encoder[k], reference[k]) for k in encoder)
-    assert model.config.target_mean == pytest.approx(1.5) and model.config.regression_head == "molformer"
 
 
 def test_gradient_accumulation_matches_one_large_batch(data_csv, workdir):
@@ -793,29 +741,6 @@ def test_gradient_accumulation_matches_one_large_batch(data_csv, workdir):
         unscaled = start(data_csv, workdir / "batch8x2_unscaled", *exact, "--per_device_train_batch_size", 8,
                          "--gradient_accumulation_steps", 2)  # fmt: skip
     assert np.abs(unscaled.predictions()["prediction"] - one.predictions()["prediction"]).max() > 1e-3
-
-
-def test_predictions_keep_dataset_order_and_loss_is_not_left_to_the_model(tmp_path):
-    """transformers applies group_by_length to evaluation too; the script's Trainer must not reorder."""
-    smiles = ["C" * n for n in (12, 2, 9, 1, 15, 4, 7, 3)]
-    tokenizer = MolformerTokenizer.from_smiles(smiles)
-    frame = pd.DataFrame({"canonical_smiles": smiles, "label": np.arange(len(smiles), dtype=float)})
-    config = MolformerConfig.from_json_file(str(TINY_MODEL))
-    config.vocab_size = len(tokenizer)
-    model = MolformerForRegression(config)
-    args = TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=3,
-        train_sampling_strategy="group_by_length", label_names=["labels"],
-    )  # fmt: skip
-    trainer = run_regression.RegressionTrainer(
-        model=model, args=args, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer)
-    )
-    output = trainer.predict(run_regression.tokenise(frame, tokenizer, 64))
-    assert output.label_ids.tolist() == frame["label"].tolist()
-    expected = model_predictions(model, tokenizer, smiles)
-    np.testing.assert_allclose(output.predictions.reshape(-1), expected, atol=1e-5)
-    # the model ignores num_items_in_batch, so the Trainer must average over gradient accumulation itself
-    assert trainer.model_accepts_loss_kwargs is False
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,12 +17,22 @@ from transformers import AutoTokenizer
 
 import run_selection
 from molft.chem import canonical_smiles, morgan_fingerprints
-from molft.cli import parse_args
+from molft.cli import load_config_file
 from molft.data import LABEL_CANDIDATES, SMILES_CANDIDATES, find_column
-from molft.io import DONE_MARKER, read_json
+from molft.files import (
+    DONE_MARKER,
+    INFLUENCE_SCORES_FILE,
+    MANIFEST_FILE,
+    MERGED_TRAIN_FILE,
+    SELECTED_FILE,
+    SHIFT_PLOT_FILE,
+    SHIFT_REPORT_FILE,
+    SPLIT_FILE,
+)
+from molft.io import read_json
 from molft.model_utils import smiles_batches
 from molft.peft_setup import load_regression_checkpoint
-from molft.selection import load_pool, mc_dropout_predictions
+from molft.selection import available_strategies, load_pool, mc_dropout_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "molformer-tiny.json"
@@ -46,7 +56,7 @@ def trained(tmp_path_factory, data_dir) -> TrainedRun:
     train_file = head_copy(data_dir / "lipophilicity.csv", tmp / "lipophilicity_150.csv", N_DATASET)
     pool_file = head_copy(data_dir / "external_300.csv", tmp / "pool.csv", N_POOL)
     run_dir = train_tiny_model(train_file, tmp / "run")
-    split = read_json(run_dir / "split.json")
+    split = read_json(run_dir / SPLIT_FILE)
     heldout_smiles = set(split["smiles"]["validation"]) | set(split["smiles"]["test"])
     pool = pd.read_csv(pool_file)
     heldout = [i for i, smi in enumerate(pool["SMILES"]) if canonical_smiles(smi) in heldout_smiles]
@@ -71,7 +81,7 @@ def base_args(trained: TrainedRun, output_dir: Path, *, model: bool = True) -> l
     if model:
         args += ["--model_name_or_path", trained.run_dir]  # its split.json is found next to it
     else:
-        args += ["--split_file", trained.run_dir / "split.json"]
+        args += ["--split_file", trained.run_dir / SPLIT_FILE]
     return [*args, *QUIET]
 
 
@@ -81,7 +91,7 @@ def scores_file(trained, tmp_path_factory) -> tuple[Path, np.ndarray]:
     scores = np.linspace(0.5, -1.0, N_POOL)  # later rows more helpful
     scores[trained.heldout] = -10.0 - np.arange(len(trained.heldout))
     pool = load_pool(trained.pool_file)
-    path = tmp_path_factory.mktemp("scores") / "influence_scores.csv"
+    path = tmp_path_factory.mktemp("scores") / INFLUENCE_SCORES_FILE
     frame = pd.DataFrame(
         {
             "index": np.arange(N_POOL),
@@ -126,10 +136,10 @@ def test_each_strategy_writes_a_deterministic_selection_of_the_right_size(
     for attempt in ("a", "b"):
         output_dir = tmp_path / attempt
         manifest = run_main(base_args(trained, output_dir), options, *extra)
-        selected = pd.read_csv(output_dir / "selected.csv")
+        selected = pd.read_csv(output_dir / SELECTED_FILE)
         runs.append((manifest, selected))
         assert (output_dir / DONE_MARKER).is_file()
-        assert read_json(output_dir / "manifest.json") == manifest
+        assert read_json(output_dir / MANIFEST_FILE) == manifest
 
     expected_size = {"all": len(trained.candidates), "none": 0}.get(name, K)
     (manifest, selected), (manifest_again, _) = runs
@@ -141,8 +151,8 @@ def test_each_strategy_writes_a_deterministic_selection_of_the_right_size(
     assert selected["smiles"].tolist() == pool["canonical_smiles"].iloc[selected["index"]].tolist()
     np.testing.assert_allclose(selected["label"].astype(float), pool["label"].iloc[selected["index"]])
     # what run_regression.py --extra_train_file looks for
-    assert find_column(selected, None, SMILES_CANDIDATES, "SMILES", "selected.csv") == "smiles"
-    assert find_column(selected, None, LABEL_CANDIDATES, "label", "selected.csv") == "label"
+    assert find_column(selected, None, SMILES_CANDIDATES, "SMILES", SELECTED_FILE) == "smiles"
+    assert find_column(selected, None, LABEL_CANDIDATES, "label", SELECTED_FILE) == "label"
 
 
 def test_random_picks_change_with_the_seed(trained, tmp_path):
@@ -204,7 +214,7 @@ def test_shift_report_and_merged_train(trained, tmp_path):
         f"--strategy random --k {K} --mmd_permutations 50 --write_merged_train true",
     )
 
-    report = read_json(tmp_path / "shift_report.json")
+    report = read_json(tmp_path / SHIFT_REPORT_FILE)
     assert {"tanimoto", "mmd", "labels", "reference", "pool_indices"} <= set(report)
     n_candidates, sizes = len(trained.candidates), trained.split["sizes"]
     assert report["pool_indices"] == trained.candidates.tolist()
@@ -222,10 +232,10 @@ def test_shift_report_and_merged_train(trained, tmp_path):
     train_labels = dataset["exp"].iloc[trained.split["indices"]["train"]].to_numpy()
     pool_labels = pd.read_csv(trained.pool_file)["Label"].to_numpy()[trained.candidates]
     assert report["labels"]["mean_difference"] == pytest.approx(pool_labels.mean() - train_labels.mean())
-    assert (tmp_path / "shift_diagnostics.png").stat().st_size > 0
+    assert (tmp_path / SHIFT_PLOT_FILE).stat().st_size > 0
 
-    merged = pd.read_csv(tmp_path / "merged_train.csv")
-    selected = pd.read_csv(tmp_path / "selected.csv")
+    merged = pd.read_csv(tmp_path / MERGED_TRAIN_FILE)
+    selected = pd.read_csv(tmp_path / SELECTED_FILE)
     assert len(merged) == sizes["train"] + K
     assert merged["source"].value_counts().to_dict() == {"train": sizes["train"], "external": K}
     np.testing.assert_allclose(merged["label"].iloc[: sizes["train"]], train_labels)
@@ -287,7 +297,7 @@ def test_budget_larger_than_the_candidates_is_rejected(trained, tmp_path):
 def test_strategy_without_its_input_fails_early(strategy_args, message, trained, tmp_path):
     with pytest.raises(ValueError, match=message):
         run_main(base_args(trained, tmp_path, model=False), f"{strategy_args} --k {K}")
-    assert not (tmp_path / "selected.csv").exists()
+    assert not (tmp_path / SELECTED_FILE).exists()
 
 
 def test_split_of_another_dataset_is_rejected(trained, data_dir, tmp_path):
@@ -299,13 +309,26 @@ def test_split_of_another_dataset_is_rejected(trained, data_dir, tmp_path):
         run_main(args, f"--strategy random --k {K}")
 
 
-def test_example_config_parses():
-    selection_args, pool_args, data_args, model_args, output_args = parse_args(
-        run_selection.ARGUMENT_TYPES, [str(EXAMPLE_CONFIG)]
+def test_example_config_parses_and_runs(trained, scores_file, tmp_path):
+    config = load_config_file(EXAMPLE_CONFIG)
+    assert config["external_file"] and config["output_dir"]
+    # the example file with this test's pool, scores and run in place of the outputs/ it names
+    manifest = run_main(
+        [EXAMPLE_CONFIG, *QUIET],
+        "--mmd_permutations 20",
+        *("--external_file", trained.pool_file, "--scores_file", scores_file[0]),
+        *(
+            "--model_name_or_path",
+            trained.run_dir,
+            "--train_file",
+            trained.train_file,
+            "--output_dir",
+            tmp_path,
+        ),
     )
-    assert selection_args.strategy in run_selection.available_strategies()
-    assert pool_args.external_file and output_args.output_dir
-    assert json.dumps(run_selection.strategy_options(selection_args))  # only options its strategy takes
+    assert manifest["strategy"] == config["strategy"] and manifest["strategy"] in available_strategies()
+    assert json.dumps(manifest["params"])  # only options its strategy takes
+    assert (tmp_path / DONE_MARKER).is_file()
 
 
 def test_fraction_budget_is_a_share_of_the_candidates(trained, tmp_path):
@@ -321,10 +344,10 @@ def test_pool_without_labels_can_be_ranked_but_not_stratified(trained, tmp_path)
     base = base_args(trained, tmp_path / "out", model=False)
     base[base.index("--external_file") + 1] = unlabelled
     manifest = run_main(base, f"--strategy random --k {K}")
-    selected = pd.read_csv(tmp_path / "out" / "selected.csv")
+    selected = pd.read_csv(tmp_path / "out" / SELECTED_FILE)
     assert "label" not in selected.columns and len(selected) == K == manifest["n_selected"]
-    assert (tmp_path / "out" / "shift_report.json").is_file()  # structure only: no label comparison
-    assert read_json(tmp_path / "out" / "shift_report.json")["labels"] is None
+    assert (tmp_path / "out" / SHIFT_REPORT_FILE).is_file()  # structure only: no label comparison
+    assert read_json(tmp_path / "out" / SHIFT_REPORT_FILE)["labels"] is None
     with pytest.raises(ValueError, match="needs the pool's labels"):
         run_main(base, f"--strategy stratified --k {K} --overwrite_output_dir true")
 
@@ -337,8 +360,8 @@ def test_peft_adapter_checkpoint_is_loaded_with_its_base(trained, tmp_path):
         [*base, "--model_name_or_path", lora_dir, "--output_dir", tmp_path / "out"],
         f"--strategy uncertainty --n_passes 3 --k {K} --mmd_permutations 20",
     )
-    assert manifest["n_selected"] == K and manifest["split_file"] == str(lora_dir / "split.json")
-    assert read_json(tmp_path / "out" / "shift_report.json")["mmd"]["n_x"] == len(trained.candidates)
+    assert manifest["n_selected"] == K and manifest["split_file"] == str(lora_dir / SPLIT_FILE)
+    assert read_json(tmp_path / "out" / SHIFT_REPORT_FILE)["mmd"]["n_x"] == len(trained.candidates)
 
 
 def test_help_explains_every_option(capsys):

@@ -1,30 +1,20 @@
+"""molft.selection's registry and strategies on a hand-made pool of 40 molecules."""
+
 from __future__ import annotations
 
-import json
-import sys
-import types
-from contextlib import contextmanager
 from itertools import combinations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from molft.chem import canonical_smiles, morgan_fingerprints, nearest_neighbour_similarity, tanimoto_matrix
-from molft.data import dataset_fingerprint
 from molft.selection import (
-    Selection,
     SelectionPool,
     available_strategies,
-    check_scores_match_pool,
-    load_pool,
-    mc_dropout_predictions,
-    merge_selected_into_train,
+    pool_budget,
     resolve_budget,
     select,
-    selection_manifest,
     strategy_parameters,
-    write_selection,
 )
 from molft.valuation import knn_shapley_regression
 
@@ -256,17 +246,6 @@ def test_select_rejects_bad_requests(pool):
         select("influence", pool, 3, mode="middle")
 
 
-def test_pool_validates_shapes():
-    with pytest.raises(ValueError, match=r"embeddings must be 2-D \[2, D\]"):
-        SelectionPool(smiles=["C", "CC"], embeddings=np.zeros((3, 4)))
-    with pytest.raises(ValueError, match=r"influence_scores are missing or not finite at positions \[1\]"):
-        SelectionPool(smiles=["C", "CC"], influence_scores=[0.1, np.nan])
-    with pytest.raises(ValueError, match="Embedding sizes differ"):
-        SelectionPool(
-            smiles=["C"], embeddings=np.zeros((1, 4)), val_embeddings=np.zeros((2, 3)), val_labels=[1, 2]
-        )
-
-
 def test_resolve_budget():
     assert resolve_budget(300, k=30) == 30
     assert resolve_budget(300, fraction=0.1) == 30
@@ -285,165 +264,13 @@ def test_resolve_budget():
             resolve_budget(300, fraction=fraction)
 
 
-def _pool_frame():
-    return pd.DataFrame({"smiles": ["CCO", "c1ccccc1", "CCN"], "label": [1.0, 2.0, 3.0]})
-
-
-def test_check_scores_match_pool_aligns_by_index():
-    scores = pd.DataFrame(
-        {"index": [2, 0, 1], "smiles": ["NCC", "OCC", "C1=CC=CC=C1"], "score": [-3.0, -1.0, -2.0]}
-    )
-    np.testing.assert_array_equal(check_scores_match_pool(scores, _pool_frame()), [-1.0, -2.0, -3.0])
-
-
-def test_check_scores_match_pool_rejects_another_pool():
-    other = pd.DataFrame({"index": [0, 1, 2], "smiles": ["CCO", "CCCl", "CCN"], "score": [0.0, 0.0, 0.0]})
-    with pytest.raises(ValueError, match="another pool"):
-        check_scores_match_pool(other, _pool_frame())
-    shorter = pd.DataFrame({"smiles": ["CCO", "c1ccccc1"], "score": [0.0, 0.0]})
-    with pytest.raises(ValueError, match="2 rows but the pool has 3"):
-        check_scores_match_pool(shorter, _pool_frame())
-    with pytest.raises(ValueError, match="lacks column"):
-        check_scores_match_pool(shorter.rename(columns={"score": "value"}), _pool_frame())
-
-
-def test_manifest_and_outputs_round_trip(tmp_path):
-    frame = _pool_frame()
-    selection = Selection(
-        np.array([2, 0]), np.array([-0.5, 0.25]), "influence", {"mode": "top"}, seed=1, budget=2
-    )
-    fingerprint = dataset_fingerprint(frame["smiles"])
-    manifest = selection_manifest(selection, "pool.csv", fingerprint)
-    train = pd.DataFrame({"CMPD_CHEMBLID": ["a"], "exp": [0.5], "smiles": ["CC"]})
-    merged = merge_selected_into_train(train, frame, selection, label_column="exp")
-    paths = write_selection(tmp_path, frame, selection, manifest, merged)
-
-    written = json.loads(paths["manifest"].read_text())
-    assert written["indices"] == [2, 0] and written["scores"] == [-0.5, 0.25]
-    assert (
-        written["strategy"] == "influence" and written["seed"] == 1 and written["params"] == {"mode": "top"}
-    )
-    assert written["pool_sha256"] == fingerprint and written["pool_file"] == "pool.csv"
-    chosen = pd.read_csv(paths["selected"])
-    assert chosen.columns.tolist() == ["rank", "index", "smiles", "label", "score"]
-    assert chosen["rank"].tolist() == [1, 2] and chosen["smiles"].tolist() == ["CCN", "CCO"]
-    assert chosen["label"].tolist() == [3.0, 1.0]
-    merged_back = pd.read_csv(paths["merged_train"])
-    assert merged_back["smiles"].tolist() == ["CC", "CCN", "CCO"]
-    assert merged_back["exp"].tolist() == [0.5, 3.0, 1.0]
-    assert merged_back["source"].tolist() == ["train", "external", "external"]
-
-
-def test_merge_handles_molecules_already_in_train():
-    selection = Selection(np.array([0, 2]), None, "random", {}, seed=0)
-    train = pd.DataFrame({"smiles": ["OCC"], "label": [9.0]})  # same molecule as pool index 0
-    assert len(merge_selected_into_train(train, _pool_frame(), selection)) == 3
-    dropped = merge_selected_into_train(train, _pool_frame(), selection, duplicates="drop")
-    assert dropped["smiles"].tolist() == ["OCC", "CCN"]
+def test_pool_budget_names_the_excluded_molecules():
+    assert pool_budget(None, None, 8, 10, "pool.csv") is None
+    assert pool_budget(3, None, 8, 10, "pool.csv") == 3
+    assert pool_budget(None, 0.5, 8, 10, "pool.csv") == 4  # a share of the candidates, not of the file
     with pytest.raises(
-        ValueError, match=r"1 chosen molecules are already in the training set \(pool indices \[0\]\)"
+        ValueError, match=r"The pool pool.csv has 8 candidates \(2 held-out molecules excluded\)"
     ):
-        merge_selected_into_train(train, _pool_frame(), selection, duplicates="error")
-
-
-def test_load_pool_keeps_every_row_and_reports_bad_ones(tmp_path):
-    good = tmp_path / "pool.csv"
-    good.write_text("SMILES,Label\nOCC,1.5\nC1=CC=CC=C1,2.0\n")
-    frame = load_pool(good)
-    assert frame["canonical_smiles"].tolist() == ["CCO", "c1ccccc1"]
-    assert frame["label"].tolist() == [1.5, 2.0] and frame["row"].tolist() == [0, 1]
-    unlabelled = tmp_path / "unlabelled.csv"
-    unlabelled.write_text("smiles\nCCO\n")
-    assert "label" not in load_pool(unlabelled, require_labels=False).columns
-    with pytest.raises(ValueError, match="No label column"):
-        load_pool(unlabelled)
-    bad = tmp_path / "bad.csv"
-    bad.write_text("SMILES,Label\nCCO,1.0\nC1CC,2.0\n")
-    with pytest.raises(ValueError, match="row 1: 'C1CC'"):  # an error, never a silently shifted index
-        load_pool(bad)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MC dropout
-
-
-def _tiny_model(p: float):
-    torch = pytest.importorskip("torch")
-
-    class TinyRegressor(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(12, 8)
-            self.norm = torch.nn.BatchNorm1d(8)
-            self.dropout = torch.nn.Dropout(p)
-            self.head = torch.nn.Linear(8, 1)
-
-        def forward(self, input_ids, attention_mask):
-            mask = attention_mask.unsqueeze(-1).float()
-            pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
-            return types.SimpleNamespace(logits=self.head(self.dropout(self.norm(pooled))))
-
-    torch.manual_seed(0)
-    model = TinyRegressor()
-    model.eval()
-    ids = torch.randint(0, 12, (10, 5))
-    mask = torch.ones(10, 5, dtype=torch.long)
-    batches = [{"input_ids": ids[i : i + 4], "attention_mask": mask[i : i + 4]} for i in range(0, 10, 4)]
-    return torch, model, batches
-
-
-def test_mc_dropout_is_seeded_and_restores_the_model():
-    torch, model, batches = _tiny_model(0.5)
-    running_mean = model.norm.running_mean.clone()
-    torch.manual_seed(123)
-    expected_next = torch.rand(1)
-    torch.manual_seed(123)
-    first = mc_dropout_predictions(model, batches, n_passes=5, seed=0)
-    assert torch.rand(1) == expected_next  # the caller's random stream is untouched
-    again = mc_dropout_predictions(model, iter(batches), n_passes=5, seed=0)
-    other = mc_dropout_predictions(model, batches, n_passes=5, seed=1)
-    assert first.shape == (5, 10)
-    np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other)
-    assert (first.var(axis=0) > 0).all()
-    assert not model.training and not model.dropout.training
-    assert torch.equal(model.norm.running_mean, running_mean)  # batch norm stayed in eval mode
-
-
-def test_mc_dropout_without_dropout_matches_eval_predictions():
-    torch, model, batches = _tiny_model(0.0)
-    with torch.no_grad():
-        expected = torch.cat([model(**b).logits[:, 0] for b in batches]).double().numpy()
-    predictions = mc_dropout_predictions(model, batches, n_passes=3, seed=0)
-    np.testing.assert_allclose(predictions, np.tile(expected, (3, 1)), rtol=1e-6)
-
-
-def test_mc_dropout_pins_feature_maps_when_available(monkeypatch):
-    _, model, batches = _tiny_model(0.5)
-    events = []
-
-    @contextmanager
-    def fixed_feature_maps(m):
-        events.append(("enter", m is model))
-        yield
-        events.append(("exit", m is model))
-
-    fake = types.ModuleType("molft.model_utils")
-    fake.fixed_feature_maps = fixed_feature_maps
-    monkeypatch.setitem(sys.modules, "molft.model_utils", fake)
-    mc_dropout_predictions(model, batches, n_passes=2, seed=0)
-    assert events == [("enter", True), ("exit", True)]
-    monkeypatch.setitem(sys.modules, "molft.model_utils", None)  # import fails: runs without pinning
-    assert mc_dropout_predictions(model, batches, n_passes=2, seed=0).shape == (2, 10)
-
-
-def test_mc_dropout_custom_forward_and_shape_check():
-    _, model, batches = _tiny_model(0.5)
-    predictions = mc_dropout_predictions(
-        model, batches, n_passes=2, seed=0, forward_fn=lambda m, b: m(**b).logits[:, 0] * 0 + 1
-    )
-    np.testing.assert_array_equal(predictions, np.ones((2, 10)))
-    with pytest.raises(ValueError, match="one prediction per molecule"):
-        mc_dropout_predictions(
-            model, batches, n_passes=1, seed=0, forward_fn=lambda m, b: m(**b).logits.repeat(1, 2)
-        )
+        pool_budget(9, None, 8, 10, "pool.csv")
+    with pytest.raises(ValueError, match=r"has 8 candidates\.$"):
+        pool_budget(9, None, 8, 8, "pool.csv")

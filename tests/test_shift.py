@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
+from molft.files import SHIFT_PLOT_FILE, SHIFT_REPORT_FILE
+from molft.io import read_json
 from molft.shift import (
     format_shift_report,
     label_distribution_summary,
     mmd_permutation_test,
     nearest_neighbour_tanimoto,
+    shift_diagnostics,
     shift_report,
 )
 
@@ -122,3 +126,30 @@ def test_shift_report_bundles_available_parts():
     smiles_only = shift_report(SMILES[:2], SMILES)
     assert smiles_only["mmd"] is None and smiles_only["labels"] is None
     assert "MMD" not in format_shift_report(smiles_only)
+
+
+def test_shift_diagnostics_of_the_candidates_are_written(tmp_path):
+    pool = pd.DataFrame({"canonical_smiles": SMILES, "label": np.arange(6.0)})
+    frames = {
+        "train": pd.DataFrame({"canonical_smiles": SMILES[:4], "label": [1.0, 2.0, 3.0, 5.0]}),
+        "test": pd.DataFrame({"canonical_smiles": SMILES[4:], "label": [0.0, 1.0]}),
+    }
+    embeddings = np.random.default_rng(0).normal(size=(6, 3))
+    candidates = np.array([1, 4, 5])
+    report = shift_diagnostics(
+        tmp_path, pool, candidates, frames, pool_embeddings=embeddings, train_embeddings=embeddings[:4],
+        n_permutations=10, seed=0,
+    )  # fmt: skip
+    assert report["reference"] == "test split" and report["pool_indices"] == [1, 4, 5]
+    assert report["tanimoto"]["external"]["summary"]["n"] == 3
+    assert report["tanimoto"]["reference"]["summary"]["n"] == 2
+    assert report["mmd"] == mmd_permutation_test(embeddings[candidates], embeddings[:4], 10, 0)
+    assert report["labels"]["mean_difference"] == pytest.approx(np.mean([1.0, 4.0, 5.0]) - 2.75)
+    assert read_json(tmp_path / SHIFT_REPORT_FILE)["pool_indices"] == [1, 4, 5]
+    assert (tmp_path / SHIFT_PLOT_FILE).stat().st_size > 0
+
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    report = shift_diagnostics(unlabelled, pool.drop(columns="label"), candidates, frames, n_permutations=10)
+    assert report["mmd"] is None and report["labels"] is None
+    assert (unlabelled / SHIFT_REPORT_FILE).is_file() and not (unlabelled / SHIFT_PLOT_FILE).exists()

@@ -368,3 +368,39 @@ def test_load_split_rejects_out_of_range_indices(lipo, splits_by_method, tmp_pat
     path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="outside 0..149"):
         load_split(path, lipo)
+
+
+def test_split_records_standardisation_and_refuses_other_preparation(tmp_path):
+    smiles = [f"C{'C' * i}O" for i in range(10)] + ["CN.Br", "[Na+].[O-]C(=O)c1ccccc1"]
+    frame = pd.DataFrame({"smiles": smiles, "y": np.arange(len(smiles), dtype=float)})
+    standardized = prepare_molecules(frame, "smiles", "y", source="t", standardize="fragment_neutral")
+    path = tmp_path / "split.json"
+    split = make_split(standardized, "random", seed=0)
+    columns = {"smiles_column": "smiles", "label_column": "y"}
+    save_split(path, standardized, split, dataset_source="t", columns=columns)
+    record = json.loads(path.read_text())
+    assert record["standardize"] == "fragment_neutral" and record["columns"] == columns
+    recorded = sum(record["smiles"].values(), [])
+    assert "CN" in recorded and "O=C(O)c1ccccc1" in recorded and "Br.CN" not in recorded
+    np.testing.assert_array_equal(load_split(path, standardized).test, split.test)
+    again = make_split(standardized, "predefined", split_file=str(path))  # reads the frame's record too
+    np.testing.assert_array_equal(again.test, split.test)
+    plain = prepare_molecules(frame, "smiles", "y", source="t")
+    with pytest.raises(ValueError, match="was made with standardize='fragment_neutral', this data with None"):
+        load_split(path, plain)
+
+    # molecules standardisation leaves alone: same fingerprint, still refused either way round
+    neutral = frame.head(10)
+    save_split(
+        path,
+        prepare_molecules(neutral, "smiles", "y", source="t"),
+        make_split(_prepare(smiles[:10]), "random"),
+        dataset_source="t",
+    )
+    assert json.loads(path.read_text())["standardize"] is None
+    with pytest.raises(ValueError, match="was made with standardize=None, this data with 'tautomer'"):
+        load_split(path, prepare_molecules(neutral, "smiles", "y", source="t", standardize="tautomer"))
+    record = json.loads(path.read_text())
+    del record["standardize"], record["columns"]  # a split.json written before these fields
+    path.write_text(json.dumps(record))
+    assert load_split(path, prepare_molecules(neutral, "smiles", "y", source="t")).sizes == record["sizes"]

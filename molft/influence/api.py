@@ -31,6 +31,8 @@ ESTIMATORS: dict[str, type[InfluenceEstimator]] = {
         TracInEstimator,
     )
 }
+HESSIAN_ESTIMATORS = ("exact", "cg", "lissa")
+"""The estimators that invert a curvature (Hessian or Gauss-Newton); the others need no choice of one."""
 
 
 def make_estimator(name: str, **options: Any) -> InfluenceEstimator:

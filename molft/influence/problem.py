@@ -101,7 +101,7 @@ def reusable_batches(batches: Iterable[Batch]) -> Iterable[Batch]:
     return batches
 
 
-class _ForwardModule(nn.Module):
+class BoundForward(nn.Module):
     """Binds `forward_fn` to the model so `functional_call` can swap the scope parameters in."""
 
     def __init__(self, model: nn.Module, forward_fn: ForwardFn) -> None:
@@ -174,7 +174,7 @@ class InfluenceProblem:
         self.shapes: tuple[torch.Size, ...] = tuple(p.shape for p in params.values())
         self.numels: tuple[int, ...] = tuple(p.numel() for p in params.values())
         self.theta: torch.Tensor = torch.cat([p.detach().reshape(-1) for p in params.values()]).clone()
-        self._module = _ForwardModule(model, forward_fn)
+        self._module = BoundForward(model, forward_fn)
         self._forward_ad_ok = True
         logger.info("influence scope: %d tensors, %d parameters", len(self.names), self.num_params)
 
@@ -251,10 +251,6 @@ class InfluenceProblem:
 
     def _theta(self, theta: torch.Tensor | None) -> torch.Tensor:
         return self.theta if theta is None else theta.detach().to(device=self.device, dtype=self.dtype)
-
-    @torch.no_grad()
-    def per_sample_losses(self, batch: Batch, theta: torch.Tensor | None = None) -> torch.Tensor:
-        return self._losses(self._theta(theta), self.to_device(batch))
 
     # ----------------------------------------------------------------------------- per-sample grads
     def per_sample_grads(self, batch: Batch, theta: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""Check, before any data work, what a run needs from outside this machine, and fail in seconds if it is missing.
+
+Without this, an offline run that names a Hub model spends minutes preparing data, then prints a screen of
+retries and chained tracebacks ending in a bare connection error. Here every need (a Hub model or dataset,
+`--push_to_hub`, a `--report_to` backend) is checked first and all that is missing is reported in one message
+that names the offline way to proceed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlparse
+
+OFFLINE_ROUTE = (
+    "Offline, train a new small MoLFormer instead: `python run_regression.py configs/regression_small.yaml` "
+    "(or add `--config_name configs/molformer-small.json`), or give --model_name_or_path a local checkpoint folder."
+)
+
+# `--report_to` names and the module each needs (the transformers integration names)
+REPORT_BACKENDS = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "trackio": ("trackio",),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "neptune": ("neptune",),
+    "codecarbon": ("codecarbon",),
+    "swanlab": ("swanlab",),
+    "azure_ml": ("azureml",),
+}
+REPORT_INSTALL_HINT = "pip install '.[tracking]' (tensorboard and trackio), or --report_to none"
+
+
+class PreflightError(RuntimeError):
+    """What a run needs from outside and cannot have, with the way to proceed; raised before any output."""
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set: nothing will be downloaded."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "0") in (
+        "1",
+        "true",
+        "TRUE",
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint answers a TCP connection within `timeout` seconds (never retried)."""
+    if hub_offline():
+        return False
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def is_cached(
+    repo_id: str, filename: str, cache_dir: str | None, revision: str | None, repo_type: str
+) -> bool:
+    """Whether `filename` of a Hub repository is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(
+        repo_id, filename, cache_dir=cache_dir, revision=revision, repo_type=repo_type
+    )
+    return isinstance(found, str)
+
+
+def missing_model(
+    name: str | None, what: str, cache_dir: str | None, revision: str | None, online: bool
+) -> str | None:
+    """Why `name` cannot be loaded here, or None when it is a local folder, cached or downloadable."""
+    if name is None or Path(name).exists() or online:
+        return None
+    if is_cached(name, "config.json", cache_dir, revision, "model"):
+        return None
+    return (
+        f"{what} {name!r} is not a local folder and not in the Hugging Face cache, and the Hub cannot be "
+        "reached" + (" (HF_HUB_OFFLINE is set)." if hub_offline() else ".")
+    )
+
+
+def missing_dataset(name: str | None, cache_dir: str | None, online: bool) -> str | None:
+    """Why a Hub dataset `name` cannot be loaded here (None for local files and downloadable datasets)."""
+    if name is None or Path(name).exists() or online:
+        return None
+    if is_cached(name, "README.md", cache_dir, None, "dataset"):
+        return None
+    return f"Dataset {name!r} is on the Hub, which cannot be reached; pass --train_file with a local file."
+
+
+def missing_report_backends(report_to: Iterable[str] | str | None) -> list[str]:
+    """The `--report_to` backends whose package is not installed (unknown names are left to transformers)."""
+    if report_to is None:
+        return []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if "all" in names or "none" in names:
+        return []
+    return [
+        name
+        for name in names
+        if name in REPORT_BACKENDS
+        and not any(importlib.util.find_spec(module) for module in REPORT_BACKENDS[name])
+    ]
+
+
+def check_run_needs(
+    *,
+    models: dict[str, str | None],
+    dataset: str | None = None,
+    push_to_hub: bool = False,
+    report_to: Iterable[str] | str | None = None,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+    timeout: float = 3.0,
+) -> None:
+    """Raise one PreflightError listing everything the run needs from outside and cannot get.
+
+    `models` maps a flag's meaning (e.g. "Model") to a Hub id or local path; `dataset` is a Hub dataset id
+    (None when the data is local or embedded). The Hub is asked at most once, with a short timeout.
+    """
+    problems: list[str] = []
+    remote = [n for n in (*models.values(), dataset) if n is not None and not Path(n).exists()]
+    online = bool(remote or push_to_hub) and hub_reachable(timeout)
+    for what, name in models.items():
+        problem = missing_model(name, what, cache_dir, revision, online)
+        if problem:
+            problems.append(problem)
+    problem = missing_dataset(dataset, cache_dir, online)
+    if problem:
+        problems.append(problem)
+    if push_to_hub and not online:
+        problems.append("--push_to_hub needs the Hub, which cannot be reached; push later with `hf upload`.")
+    backends = missing_report_backends(report_to)
+    if backends:
+        problems.append(f"--report_to {','.join(backends)}: not installed ({REPORT_INSTALL_HINT}).")
+    if problems:
+        route = OFFLINE_ROUTE if any("Hub" in p for p in problems) else ""
+        raise PreflightError(" ".join(["Cannot start this run:", *problems, route]).strip())
