@@ -26,7 +26,7 @@ NATIVE_AUTO_MAP_TARGETS = frozenset(
 class MolformerConfig(PretrainedConfig):
     """Configuration of MoLFormer (linear attention with rotary embeddings) and its task heads.
 
-    Backbone fields keep the Hub names and XL defaults. Two project-specific groups are added:
+    Backbone fields keep the Hub names and XL defaults. Project-specific fields:
 
     * `feature_map_redraw` decides when the attention's random features are redrawn:
       ``"train"`` (default) redraws on every training forward and keeps them fixed in eval, which is the
@@ -35,6 +35,15 @@ class MolformerConfig(PretrainedConfig):
       features). The Hub's `deterministic_eval` is kept for round-tripping but does not change behaviour, so
       evaluation is deterministic by default whatever the Hub config says; ask for ``"always"`` to get the
       Hub's non-deterministic evaluation.
+    * `fused_qkv` computes query, key and value in one matmul over the checkpoint's three separate weights
+      (which keep their names, so checkpoints load and save unchanged). Off by default: one matmul reduces
+      in its own order on some backends (cuBLAS picks kernels by shape), so it is not bit-identical
+      everywhere; it is within float32 rounding, and faster.
+    * `padding_free` runs projections, LayerNorms and FFNs on the real tokens only (attention re-pads just
+      for its sums over keys), which saves the padding's share of the compute on unsorted batches. Real
+      tokens and pooled outputs keep their values; padded positions of `last_hidden_state` and
+      `hidden_states` are zeros. Off by default; eager only (under torch.compile and torch.func transforms
+      the padded layout runs).
     * `regression_*` and `target_mean` / `target_std` configure `MolformerForRegression`. The target
       statistics live here so that a saved model predicts in the label's own units.
     """
@@ -62,6 +71,8 @@ class MolformerConfig(PretrainedConfig):
         classifier_skip_connection: bool = True,
         pad_token_id: int = 2,
         feature_map_redraw: str = "train",
+        fused_qkv: bool = False,
+        padding_free: bool = False,
         regression_head: str = "molformer",
         regression_pooling: str = "mean",
         regression_loss: str = "mse",
@@ -96,6 +107,8 @@ class MolformerConfig(PretrainedConfig):
         self.classifier_dropout_prob = classifier_dropout_prob
         self.classifier_skip_connection = classifier_skip_connection
         self.feature_map_redraw = feature_map_redraw
+        self.fused_qkv = bool(fused_qkv)
+        self.padding_free = bool(padding_free)
         self.regression_head = regression_head
         self.regression_pooling = regression_pooling
         self.regression_loss = regression_loss

@@ -10,6 +10,14 @@ Two deliberate differences from the Hub code, both because it is wrong on transf
 * When the random features are redrawn is an explicit config choice (`feature_map_redraw`), and evaluation
   is deterministic by default.
 
+Fast paths that keep the checkpoint and the numbers (benchmarks/bench_fast_paths.py times each beside the
+plain one, `reference_attention`): rotary is applied with one temporary instead of four (the reference
+formula's products and sums, bit for bit); `config.fused_qkv` computes query, key
+and value in one matmul from the checkpoint's own three weights (the state dict keeps their names, so
+checkpoints load and save unchanged); `config.padding_free` runs everything but the attention's sums on the
+real tokens alone (`PackedTokens`); the forward has no data-dependent Python branches, so
+`torch.compile(model, fullgraph=True)` captures it whole, train-mode redraws included.
+
 Only relative imports among the modeling files, so `save_pretrained` can ship them for remote-code users.
 """
 
@@ -56,7 +64,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference formula (kept as the plain path the fast one is checked and timed against)."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` with one half-size temporary per half instead of four full-size ones, bit-identical.
+
+    The tables repeat their first half (`emb = cat(freqs, freqs)`), so with s the half-width sine the reference
+    computes `x1*c + (-x2)*s` and `x2*c + x1*s`. Negation is exact, so subtracting `x2*s` from `x1*c` in place
+    rounds identically; the rotated copy, the negated half and the second full product are never built.
+    `cos`/`sin` broadcast against x ([S, d] for [.., S, d], [S, 1, d] for [B, S, h, d], ...).
+    """
+    half = x.shape[-1] // 2
+    s = sin[..., :half]
+    out = x * cos
+    out[..., :half].sub_(x[..., half:] * s)
+    out[..., half:].add_(x[..., :half] * s)
+    return out
 
 
 class MolformerFeatureMap(nn.Module):
@@ -95,8 +120,40 @@ class MolformerEmbeddings(nn.Module):
         return self.dropout(inputs_embeds)
 
 
+class PackedTokens:
+    """The real tokens of a padded batch as [T, ...] rows: the layout of `config.padding_free`.
+
+    Only attention mixes tokens, and linear attention needs nothing but per-molecule sums over keys, so every
+    projection, LayerNorm and FFN runs on the T real tokens alone; attention unpacks phi(q), phi(k) and v into
+    [B, S, ...] with zeros at the padding for those sums (the reference's shapes and op order) and packs its
+    result again. Rotary positions stay the columns of the padded batch, as in the reference.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.mask = attention_mask
+        self.batch, self.seq = attention_mask.shape
+        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)  # flat positions of the real tokens
+        self.positions = self.index % self.seq
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [T, ...]"""
+        return padded.reshape(self.batch * self.seq, *padded.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> [B, S, ...], zeros at the padding."""
+        rows = packed.new_zeros(self.batch * self.seq, *packed.shape[1:]).index_copy(0, self.index, packed)
+        return rows.view(self.batch, self.seq, *packed.shape[1:])
+
+
 class MolformerSelfAttention(nn.Module):
-    """Linear attention: all heads in one batched matmul chain, O(S·m·d) per head."""
+    """Linear attention: all heads in one batched matmul chain, O(S·m·d) per head.
+
+    Rotary and the feature map run on the projections' own [B, S, h, d] rows (contiguous, so the feature map's
+    matmul copies nothing); the sums over keys then run in the reference's [B, h, S, *] shapes and order.
+    """
+
+    # the rotary implementation; `reference_attention` is the plain path that tests and benchmarks compare with
+    rotary = staticmethod(apply_rotary_fast)
 
     def __init__(self, config: MolformerConfig):
         super().__init__()
@@ -113,21 +170,70 @@ class MolformerSelfAttention(nn.Module):
         batch, seq, _ = x.shape
         return x.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states, attention_mask, cos, sin):
+    def _fusable(self) -> bool:
+        """Fuse only plain Linear projections: a PEFT-wrapped one (LoRA, IA3) must run its own forward."""
+        return self.config.fused_qkv and all(type(m) is nn.Linear for m in (self.query, self.key, self.value))
+
+    def _features(self, hidden_states, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """phi(rotary(q)), phi(rotary(k)) [*, h, m] and v [*, h, d] for tokens [*] = [B, S] or packed [T].
+
+        `cos`/`sin` hold one row per position of the token axis just before the heads: [S, d] or [T, d].
+        """
+        heads = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        if self._fusable():
+            # one [H, 3H] matmul over the three checkpoint weights, concatenated at every call (cheap next to
+            # the matmul), so parameters, names, gradients and `functional_call` swaps stay the separate ones
+            weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+            bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+            qkv = nn.functional.linear(hidden_states, weight, bias).view(*heads[:-2], 3, *heads[-2:])
+            qk = self.feature_map(self.rotary(qkv[..., :2, :, :], cos[:, None, None], sin[:, None, None]))
+            return qk[..., 0, :, :], qk[..., 1, :, :], qkv[..., 2, :, :]
+        cos, sin = cos[:, None], sin[:, None]
+        q = self.feature_map(self.rotary(self.query(hidden_states).view(heads), cos, sin))
+        k = self.feature_map(self.rotary(self.key(hidden_states).view(heads), cos, sin))
+        return q, k, self.value(hidden_states).view(heads)
+
+    def forward(self, hidden_states, attention_mask: torch.Tensor | PackedTokens, cos, sin):
+        """[B, S, H] with a [B, S] mask, or packed [T, H] with the `PackedTokens` of the batch."""
         if _should_redraw(self.config.feature_map_redraw, self.training):
             self.feature_map.redraw()
-        q = apply_rotary(self._split_heads(self.query(hidden_states)), cos, sin)
-        k = apply_rotary(self._split_heads(self.key(hidden_states)), cos, sin)
-        v = self._split_heads(self.value(hidden_states))
-        q = self.feature_map(q)
+        q, k, v = self._features(hidden_states, cos, sin)
+        packed = attention_mask if isinstance(attention_mask, PackedTokens) else None
+        if packed is not None:
+            q, k, v = packed.unpack(q), packed.unpack(k), packed.unpack(v)
+            attention_mask = packed.mask
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, h, S, *]
+        # keys in the reference's memory layout, so the sum over them reduces in the same order (bit-identical);
+        # the matmul with v would copy them anyway
+        context = self._attend(q, k.contiguous(), v, attention_mask)
+        return context if packed is None else packed.pack(context)
+
+    def _attend(self, q, k, v, attention_mask) -> torch.Tensor:
+        """Linear attention over phi(q), phi(k), v [B, h, S, *] -> [B, S, H], in the reference's op order."""
         # where, not a product: padded rows must not leak a non-finite value (e.g. a forward-mode tangent of a
         # constant row's LayerNorm) into the sums over keys
-        k = torch.where(attention_mask[:, None, :, None].bool(), self.feature_map(k), 0.0)
+        k = torch.where(attention_mask[:, None, :, None].bool(), k, 0.0)
         kv = k.transpose(-1, -2) @ v  # [B, h, m, d]
         denominator = (q @ k.sum(dim=2).unsqueeze(-1)).clamp(min=self.eps)  # [B, h, S, 1]
         context = (q @ kv) / denominator
         batch, _, seq, _ = context.shape
         return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+
+
+def reference_attention(
+    attention: MolformerSelfAttention, hidden_states, attention_mask, cos, sin
+) -> torch.Tensor:
+    """The plain path: the reference's rotary formula on [B, h, S, d] views, separate projections.
+
+    Outputs equal `attention(...)` bit for bit; kept as the baseline of tests and benchmarks (which set it
+    as a module's forward with `functools.partial(reference_attention, module)`).
+    """
+    if _should_redraw(attention.config.feature_map_redraw, attention.training):
+        attention.feature_map.redraw()
+    q = apply_rotary(attention._split_heads(attention.query(hidden_states)), cos, sin)
+    k = apply_rotary(attention._split_heads(attention.key(hidden_states)), cos, sin)
+    v = attention._split_heads(attention.value(hidden_states))
+    return attention._attend(attention.feature_map(q), attention.feature_map(k), v, attention_mask)
 
 
 def _should_redraw(mode: str, training: bool) -> bool:
@@ -258,6 +364,20 @@ class MolformerModel(MolformerPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
+    def _packed_tokens(self, attention_mask: torch.Tensor, embeddings: torch.Tensor) -> PackedTokens | None:
+        """The padding-free layout when `config.padding_free` asks for it and it can run.
+
+        Finding the real tokens is data-dependent (a host sync and a shape that depends on values): under
+        torch.compile and inside torch.func transforms (influence's vmap/grad/jvp) the padded layout runs,
+        and a batch without padding gains nothing from packing.
+        """
+        if not self.config.padding_free or torch.compiler.is_compiling():
+            return None
+        if torch._C._functorch.is_functorch_wrapped_tensor(embeddings):
+            return None
+        packed = PackedTokens(attention_mask)
+        return None if packed.index.numel() == attention_mask.numel() else packed
+
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.word_embeddings = value
 
@@ -281,10 +401,19 @@ class MolformerModel(MolformerPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(batch, seq, device=embeddings.device, dtype=torch.long)
         cos, sin = rotary_cos_sin(seq, self.config.head_dim, embeddings.device, dtype=embeddings.dtype)
-        hidden, all_hidden = self.encoder(
-            embeddings, attention_mask, cos, sin, output_hidden_states=output_hidden_states
-        )
-        last_hidden_state = self.LayerNorm(hidden)
+        packed = self._packed_tokens(attention_mask, embeddings)
+        if packed is None:
+            hidden, all_hidden = self.encoder(
+                embeddings, attention_mask, cos, sin, output_hidden_states=output_hidden_states
+            )
+            last_hidden_state = self.LayerNorm(hidden)
+        else:
+            cos, sin = cos[packed.positions], sin[packed.positions]
+            hidden, all_hidden = self.encoder(
+                packed.pack(embeddings), packed, cos, sin, output_hidden_states=output_hidden_states
+            )
+            last_hidden_state = packed.unpack(self.LayerNorm(hidden))
+            all_hidden = tuple(packed.unpack(h) for h in all_hidden) if all_hidden else None
         mask = attention_mask.unsqueeze(-1)
         real = torch.where(mask.bool(), last_hidden_state, 0.0)
         pooled = real.sum(dim=1) / mask.sum(dim=1).to(real.dtype).clamp(min=1e-9)
@@ -317,7 +446,16 @@ class MolformerLMHead(nn.Module):
 
 
 class MolformerForMaskedLM(MolformerPreTrainedModel):
-    """The Hub checkpoint's architecture: encoder plus an untied masked-LM head."""
+    """The Hub checkpoint's architecture: encoder plus an untied masked-LM head.
+
+    Given `num_items_in_batch` (the Trainer's count of masked tokens over all gradient-accumulation steps and,
+    with `average_tokens_across_devices`, all processes), the loss is the summed cross-entropy over it, so
+    accumulated and multi-process training average over tokens exactly as one large batch does. Without it
+    (evaluation, plain calls) it is the batch's mean. The Trainer scales the loss for both cases by itself.
+    """
+
+    # the loss is normalised by `num_items_in_batch` when one is passed (see above)
+    accepts_loss_kwargs = True
 
     def __init__(self, config: MolformerConfig):
         super().__init__(config)
@@ -352,9 +490,15 @@ class MolformerForMaskedLM(MolformerPreTrainedModel):
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
+            num_items = kwargs.get("num_items_in_batch")
             loss = nn.functional.cross_entropy(
-                logits.view(-1, self.config.vocab_size).float(), labels.view(-1), ignore_index=-100
+                logits.view(-1, self.config.vocab_size).float(),
+                labels.view(-1).to(logits.device),
+                ignore_index=-100,
+                reduction="mean" if num_items is None else "sum",
             )
+            if num_items is not None:
+                loss = loss / num_items
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
@@ -365,6 +509,10 @@ __all__ = [
     "MolformerForMaskedLM",
     "MolformerModel",
     "MolformerPreTrainedModel",
+    "PackedTokens",
+    "apply_rotary",
+    "apply_rotary_fast",
+    "reference_attention",
     "orthogonal_random_features",
     "rotary_cos_sin",
 ]

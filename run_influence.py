@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Score external molecules by their influence on a fine-tuned MoLFormer regression run's held-out loss.
+r"""Score external molecules by their influence on a fine-tuned MoLFormer regression run's held-out loss.
 
 A thin command line over `molft.influence`: it rebuilds the run's data from its split.json, loads the saved
 model (full or PEFT adapter), and asks which external molecules, if added to the training data, would
@@ -13,6 +13,10 @@ lower the loss on the validation molecules (the query set):
 
 Sign convention (the library's): a score is the predicted change of the query loss when the molecule is
 added, so NEGATIVE = HELPFUL; rank 1 is the most helpful molecule.
+
+The run's data options come from its split.json (flags override them). Scores name molecules by pool id
+(row in the pool file; invalid rows are skipped with a count). Pool molecules in the run's validation/test
+split are left out (--keep_heldout_overlap: scored, marked in `in_run_split`, unranked).
 
 Writes `influence_scores.csv` (what `run_selection.py --strategy influence --scores_file` reads),
 `influence_summary.json` (settings, timings, solver convergence, score statistics and the threshold each
@@ -58,7 +62,7 @@ from molft.influence.molformer import (
     training_subset,
     warn_about_extra_training_data,
 )
-from molft.influence.report import log_result, run_summary, score_table, write_matrix
+from molft.influence.report import leave_out_heldout, log_result, run_summary, score_table, write_matrix
 from molft.influence.runner import lissa_scale, run_estimator
 from molft.influence.validation import format_table, json_records, validate_estimators, validation_markdown
 from molft.io import mark_done, prepare_output_dir, write_csv, write_json, write_text
@@ -244,7 +248,7 @@ ARGUMENT_TYPES = (
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Score the external pool and return the summary (also written to influence_summary.json)."""
-    arguments = parse_args(ARGUMENT_TYPES, args)
+    arguments = parse_args(ARGUMENT_TYPES, args, description=__doc__)
     influence_args, estimator_args, pool_args, data_args, model_args, validation_args, output_args = arguments
     level = log_level(output_args.log_level)
     setup_logging(level)
@@ -260,7 +264,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     checkpoint_kind = check_regression_checkpoint(model_args.model_name_or_path)
     data_args.use_model_split(model_args.model_name_or_path, required=True)
     frames = data_args.load_frames()
-    pool = load_candidate_pool(pool_args)
+    pool = load_candidate_pool(pool_args, data_args.standardize)  # invalid rows skipped, ids kept
+    pool, pool_report = leave_out_heldout(pool, frames, keep=pool_args.keep_heldout_overlap)
     if influence_args.query_split == "test":
         logger.warning(
             "!!! --query_split test: the scores predict the TEST loss. Selecting molecules with them tunes the "
@@ -323,9 +328,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     write_csv(output_dir / INFLUENCE_SCORES_FILE, scores_frame)
     if influence_args.per_query:
         write_matrix(output_dir, scores, query_frame)
+    ranked = scores_frame.loc[scores_frame["rank"].notna(), "score"].to_numpy()  # held-out: unranked
     summary = run_summary(
-        arguments, checkpoint_kind, setup, diagnostics, mean_scores, loss_description, len(train_frame),
-        len(query_frame), dtype, device,
+        arguments, checkpoint_kind, setup, diagnostics, ranked, loss_description, len(train_frame),
+        len(query_frame), dtype, device, pool_report,
     )  # fmt: skip
     if validation is not None:
         write_csv(output_dir / VALIDATION_CSV, validation)
@@ -335,7 +341,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         logger.info("Estimator validation (ridge head on frozen embeddings):\n%s", format_table(validation))
     write_json(output_dir / INFLUENCE_SUMMARY_FILE, summary)
     plots.score_histogram(
-        mean_scores,
+        ranked,
         output_dir / INFLUENCE_HISTOGRAM_FILE,
         xlabel="influence score (negative = helpful)",
         title=f"{influence_args.estimator} influence on the {influence_args.query_split} loss "

@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import transformers
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
+from molft import preflight
+from molft.checkpoints import detect_last_checkpoint
 from molft.cli import parse_args, setup_logging
-from molft.files import MLM_DATA_SUMMARY_FILE, MLM_LOSS_CURVE_FILE, MODEL_CARD_FILE
+from molft.files import ALL_RESULTS_FILE, MLM_DATA_SUMMARY_FILE, MLM_LOSS_CURVE_FILE, MODEL_CARD_FILE
 from molft.io import mark_done, write_json, write_text
 from molft.mlm import (
     MlmDataArguments,
     MlmModelArguments,
     compute_metrics,
-    detect_last_checkpoint,
     encode_smiles,
     load_model,
     load_tokenizer,
@@ -39,17 +40,40 @@ from molft.mlm import (
 )
 from molft.mlm_corpus import prepare_corpus
 from molft.model_card import mlm_model_card
+from molft.threads import choose_cpu_threads
+from molft.trainer import ResultsTrainer, enable_mixed_precision, log_best_model
 
 logger = logging.getLogger(__name__)
 
 
 def main(args: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(
-        (MlmModelArguments, MlmDataArguments, TrainingArguments), args
+        (MlmModelArguments, MlmDataArguments, TrainingArguments), args, description=__doc__
     )
     if training_args.should_log:  # log_level "passive" then means info, as in the transformers examples
         transformers.utils.logging.set_verbosity_info()
     setup_logging(training_args.get_process_log_level())
+    if data_args.early_stopping_patience is not None and not (
+        training_args.load_best_model_at_end and training_args.eval_strategy != "no"
+    ):
+        raise ValueError("early_stopping_patience needs load_best_model_at_end=true and an eval_strategy.")
+    # what the run needs from outside, checked before any data work or output (fails in seconds)
+    new_model = model_args.model_name_or_path is None
+    preflight.check_run_needs(
+        models={
+            "Model": model_args.model_name_or_path,
+            "Config": model_args.config_name if new_model else None,
+            "Tokenizer": model_args.tokenizer_name,
+        },
+        dataset=preflight.hub_dataset(data_args.dataset_name, local_files=bool(data_args.train_file)),
+        push_to_hub=training_args.push_to_hub,
+        report_to=training_args.report_to,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        offline_route=preflight.MLM_OFFLINE_ROUTE,
+    )
+    if data_args.auto_mixed_precision:
+        enable_mixed_precision(training_args)
     logger.warning(
         "Process rank: %s, device: %s, n_gpu: %s, distributed: %s, 16-bits: %s",
         training_args.local_process_index,
@@ -59,16 +83,18 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         training_args.fp16 or training_args.bf16,
     )
     logger.info("Training/evaluation parameters %s", training_args)
-    if data_args.early_stopping_patience is not None and not (
-        training_args.load_best_model_at_end and training_args.eval_strategy != "no"
-    ):
-        raise ValueError("early_stopping_patience needs load_best_model_at_end=true and an eval_strategy.")
     if training_args.remove_unused_columns:
         logger.info(
             "remove_unused_columns set to false: the collator reads the SMILES and mask seeds of items."
         )
         training_args.remove_unused_columns = False
-    last_checkpoint = detect_last_checkpoint(training_args, data_args)
+    last_checkpoint = detect_last_checkpoint(
+        training_args.output_dir,
+        do_train=training_args.do_train,
+        overwrite=data_args.overwrite_output_dir,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        process_index=training_args.process_index,
+    )
     set_seed(training_args.seed)
 
     # Data: the corpus without held-out molecules, a tokenizer (built from it when training from scratch)
@@ -80,6 +106,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         )
     tokenizer = load_tokenizer(model_args, data_args, corpus.train, training_args.seed)
     model = load_model(model_args, tokenizer, data_args.max_seq_length)
+    choose_cpu_threads(model.num_parameters(), on_cpu=training_args.device.type == "cpu")
 
     train_dataset = encode_smiles(
         corpus.train, tokenizer, data_args.max_seq_length, randomise=data_args.smiles_enumeration
@@ -88,7 +115,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         corpus.validation, tokenizer, data_args.max_seq_length, mask_seed=training_args.seed
     )
     half_precision = training_args.fp16 or training_args.bf16
-    trainer = Trainer(
+    trainer = ResultsTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
@@ -117,6 +144,7 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         train_result = trainer.train(
             resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint
         )
+        log_best_model(trainer)
         trainer.save_model()  # model, config and tokenizer: a checkpoint run_regression.py loads directly
         train_metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
         trainer.log_metrics("train", train_metrics)
@@ -143,8 +171,16 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             if training_args.push_to_hub:
                 push_output(trainer, training_args)
         mark_done(output_dir, {"script": "run_mlm.py", "metrics": results, "data": corpus.summary})
+        logger.info(
+            "Outputs are in %s: the checkpoint (run_regression.py --model_name_or_path %s), metrics in %s, "
+            "the corpus summary in %s.",
+            output_dir.resolve(),
+            output_dir,
+            ALL_RESULTS_FILE,
+            MLM_DATA_SUMMARY_FILE,
+        )
     return results
 
 
 if __name__ == "__main__":
-    main()
+    preflight.exit_on_missing_needs(main)

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import transformers
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from molft import cli, plots
+from molft import cli, preflight
 from molft.files import (
     ALL_RESULTS_FILE,
     LOSS_CURVES_FILE,
@@ -41,11 +42,12 @@ from molft.hp_search import run_hp_search
 from molft.io import mark_done, write_csv, write_json, write_text
 from molft.metrics import make_compute_metrics
 from molft.model_card import regression_model_card
-from molft.peft_setup import PEFT_METHODS, PeftOptions, trainable_parameters
+from molft.peft_setup import PEFT_METHODS, PeftOptions, publish_base_reference, trainable_parameters
 from molft.regression import (
     TARGET_SCALINGS,
     ModelFactory,
     RegressionModelArguments,
+    cap_splits,
     export_merged,
     load_tokenizer,
     predict_splits,
@@ -56,6 +58,7 @@ from molft.regression import (
 from molft.run_data import PreparedData, RegressionDataArguments, prepare_data
 from molft.run_record import explicit_options, write_run_config
 from molft.splits import save_split
+from molft.threads import choose_cpu_threads
 from molft.trainer import (
     RegressionTrainer,
     configure_training,
@@ -109,6 +112,16 @@ class RunArguments:
         default="none",
         metadata={"help": "Hyperparameter search backend: none | optuna | ray (objective: validation RMSE)."},
     )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Debug or quick runs: evaluate on the first this many validation molecules only."},
+    )
+    max_predict_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Debug or quick runs: test metrics and predictions of the first this many test molecules."
+        },
+    )
     n_trials: int = field(default=10, metadata={"help": "Number of hyperparameter-search trials."})
     hp_space: str | None = field(
         default=None,
@@ -138,11 +151,26 @@ ARGUMENT_TYPES = (
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Run one fine-tuning (or a hyperparameter search) and return the metrics written to all_results.json."""
-    all_args = cli.parse_args(ARGUMENT_TYPES, args)
+    all_args = cli.parse_args(ARGUMENT_TYPES, args, description=__doc__)
     model_args, peft_args, data_args, run_args, training_args = all_args
     options = explicit_options(ARGUMENT_TYPES, args)
+    if training_args.should_log:  # log_level "passive" then means info, as in the transformers examples
+        transformers.utils.logging.set_verbosity_info()
     cli.setup_logging(training_args.get_process_log_level())
     validate_arguments(model_args, peft_args, data_args, run_args, training_args)
+    # what the run needs from outside, checked before any data work or output (fails in seconds)
+    preflight.check_run_needs(
+        models={
+            "Model": model_args.model_name_or_path,
+            "Tokenizer": model_args.tokenizer_name,
+            "Base model of the adapter": preflight.adapter_base_model(model_args.model_name_or_path),
+        },
+        dataset=preflight.hub_dataset(data_args.dataset_name, local_files=bool(data_args.train_file)),
+        push_to_hub=training_args.push_to_hub,
+        report_to=training_args.report_to,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+    )
     logger.info("Training parameters %s", training_args)
     output_dir = Path(training_args.output_dir)
     is_main_process = training_args.process_index == 0
@@ -167,6 +195,20 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     # Data: every SMILES and label checked, split, external molecules added to train only
     reuse_split = output_dir / SPLIT_FILE if last_checkpoint and not data_args.split_file else None
     data = prepare_data(data_args, reuse_split=reuse_split)
+    logger.info(
+        "Data: %s, SMILES column %r, label column %r; %s split %s",
+        data.source,
+        data.columns.get("smiles_column"),
+        data.columns.get("label_column"),
+        data.split.method,
+        data.split.sizes,
+    )
+    cap_splits(data.frames, {"validation": run_args.max_eval_samples, "test": run_args.max_predict_samples})
+
+    # Tokenizer, config and a model factory (a search builds one model per trial)
+    tokenizer = load_tokenizer(model_args, data.frames["train"])
+    factory = ModelFactory.create(model_args, peft_args, tokenizer, data.frames["train"], training_args)
+    # written once every check that can fail early has passed, so a refused run leaves no folder behind
     if is_main_process:
         save_split(
             output_dir / SPLIT_FILE,
@@ -174,14 +216,13 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             data.split,
             dataset_source=data.source,
             extra=data.extra_report,
+            columns=data.columns,
+            data=data.record,
         )
-
-    # Tokenizer, config and a model factory (a search builds one model per trial)
-    tokenizer = load_tokenizer(model_args, data.frames["train"])
-    factory = ModelFactory.create(model_args, peft_args, tokenizer, data.frames["train"], training_args)
     with training_args.main_process_first(desc="tokenisation"):
         tokenised = {
-            name: tokenise(frame, tokenizer, data_args.max_seq_length) for name, frame in data.frames.items()
+            name: tokenise(frame, tokenizer, data_args.max_seq_length, lengths=name == "train")
+            for name, frame in data.frames.items()
         }
     collator = DataCollatorWithPadding(tokenizer)
 
@@ -212,6 +253,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         f"{param_counts['total_params']:,}",
         100 * param_counts["trainable_share"],
     )
+    choose_cpu_threads(param_counts["total_params"], on_cpu=training_args.device.type == "cpu")
     trainer = RegressionTrainer(
         model=model,
         args=training_args,
@@ -257,6 +299,13 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                 "wall_time_s": metrics["train_wall_time_s"],
             },
         )
+        logger.info(
+            "Outputs are in %s: metrics in %s, predictions in %s, the model card in %s.",
+            output_dir.resolve(),
+            ALL_RESULTS_FILE,
+            PREDICTIONS_FILE,
+            MODEL_CARD_FILE,
+        )
     return metrics
 
 
@@ -273,19 +322,30 @@ def write_outputs(
     """Every result file of a run (main process only), each written atomically."""
     model_args, peft_args, data_args, run_args, training_args = all_args
     output_dir = Path(training_args.output_dir)
-    write_predictions(predictions, output_dir)
+    write_predictions(predictions, output_dir, data.label_name)
     if unlabelled is not None:
         write_csv(output_dir / PREDICT_PREDICTIONS_FILE, unlabelled)
         logger.info("Wrote %d predictions for %s", len(unlabelled), data_args.predict_file)
     if training_args.do_train:
-        plots.loss_curves(trainer.state.log_history, output_dir / LOSS_CURVES_FILE)
+        from molft import plots  # matplotlib is slow to import: only once results are written
+
+        plots.regression_loss_curves(
+            trainer.state.log_history,
+            output_dir / LOSS_CURVES_FILE,
+            loss=model_args.loss,
+            target_scaling=model_args.target_scaling,
+            label_name=data.label_name,
+            n_train=len(data.frames["train"]),
+            n_validation=len(data.frames["validation"]),
+            best_step=trainer.state.best_global_step,
+        )
     if peft_args.merge_adapter:
         export_merged(trainer.model, tokenizer, output_dir / MERGED_DIR, peft_args.peft)
     write_json(output_dir / ALL_RESULTS_FILE, metrics)
     sections = {
         "model": model_args,
         "peft": peft_args,
-        "data": data_args,
+        "data": data.resolved_options(data_args),
         "run": run_args,
         "training": training_args,
         "data_source": data.source,
@@ -301,6 +361,8 @@ def write_outputs(
         metrics=metrics,
         extra_file=data_args.extra_train_file,
         n_extra=metrics["n_extra_train"],
+        label_name=data.label_name,
+        base_model=publish_base_reference(trainer.model, output_dir),  # relative or a Hub id
     )
     write_text(output_dir / MODEL_CARD_FILE, trainer.model_card_text)
 
@@ -330,6 +392,12 @@ def validate_arguments(
         )
     if data_args.extra_train_weights and not data_args.extra_train_file:
         raise ValueError("--extra_train_weights names a column of --extra_train_file, which is not given.")
+    for flag, cap in (
+        ("--max_eval_samples", run_args.max_eval_samples),
+        ("--max_predict_samples", run_args.max_predict_samples),
+    ):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{flag} must be at least 1, got {cap}.")
     files = {
         "--predict_file": data_args.predict_file,
         "--extra_train_file": data_args.extra_train_file,
@@ -352,4 +420,4 @@ def validate_arguments(
 
 
 if __name__ == "__main__":
-    main()
+    preflight.exit_on_missing_needs(main)

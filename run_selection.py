@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Choose external molecules to add to a MoLFormer regression run's training set, and say how far they lie.
+r"""Choose external molecules to add to a MoLFormer regression run's training set, and say how far they lie.
 
 A thin command line over `molft.selection` (strategies), `molft.valuation` (data Shapley) and `molft.shift`
 (shift diagnostics). The external pool is checked like every other data file; molecules that sit in the
@@ -11,8 +11,12 @@ run's validation or test split are reported and left out (adding them would leak
         --scores_file outputs/influence/influence_scores.csv --split_file outputs/run/split.json \
         --output_dir sel/influence_top
 
-Writes `selected.csv` (columns rank, index, smiles, label, score; what `run_regression.py
---extra_train_file` reads), `manifest.json` (strategy, parameters, seed, chosen pool indices, pool
+Pool molecules are named by their row in the pool file (the pool id), the same id run_influence.py
+writes, so scores and selections line up even when invalid SMILES were skipped. A run's data options
+(files, columns, standardisation) are read from its split.json; flags override them.
+
+Writes `selected.csv` (columns rank, index = pool id, smiles, label, score; what `run_regression.py
+--extra_train_file` reads), `manifest.json` (strategy, parameters, seed, chosen pool ids, pool
 fingerprint, held-out overlap), optionally `merged_train.csv`, the shift diagnostics `shift_report.json`
 and `shift_diagnostics.png`, then `run_complete.json` last (the names of `molft.files`).
 """
@@ -34,6 +38,7 @@ from molft.selection import (
     VALUATION_STRATEGIES,
     available_strategies,
     candidate_positions,
+    check_candidate_scores,
     heldout_overlap,
     load_pool,
     merge_selected_into_train,
@@ -196,7 +201,7 @@ ARGUMENT_TYPES = (
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Run one selection and return its manifest (also written to the output folder)."""
-    arguments = parse_args(ARGUMENT_TYPES, args)
+    arguments = parse_args(ARGUMENT_TYPES, args, description=__doc__)
     selection_args, pool_args, data_args, model_args, output_args, result_args = arguments
     setup_logging(log_level(output_args.log_level))
     params = strategy_options(selection_args)
@@ -205,12 +210,15 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     output_dir = prepare_output_dir(output_args.output_dir, output_args.overwrite_output_dir, "selection")
     started = time.perf_counter()
 
-    # The pool, the run's split, and which pool molecules may be picked at all
+    # The run's split (its data options filled from its record), the pool, and which molecules may be picked
+    frames = data_args.load_frames() if data_args.split_file else None
     pool_frame = load_pool(
         pool_args.external_file,
         pool_args.external_smiles_column,
         pool_args.external_label_column,
         require_labels=False,
+        strict=pool_args.external_strict_smiles,
+        standardize=data_args.standardize,  # the run's, so pool molecules compare with its splits
     )
     has_labels = "label" in pool_frame.columns
     if not has_labels and needs_pool_labels(selection_args.strategy):
@@ -218,7 +226,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             f"Strategy {selection_args.strategy!r} needs the pool's labels; {pool_args.external_file} has no "
             "label column (name it with --external_label_column)."
         )
-    frames = data_args.load_frames() if data_args.split_file else None
     overlap = heldout_overlap(pool_frame, frames)
     candidates = candidate_positions(pool_frame, overlap, keep=pool_args.keep_heldout_overlap)
     budget = pool_budget(
@@ -229,6 +236,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     scores = None
     if selection_args.strategy == "influence":
         scores = read_influence_scores(selection_args.scores_file, pool_frame)
+        check_candidate_scores(scores, pool_frame, candidates, selection_args.scores_file)
     arrays = model_arrays(
         model_args,
         pool_frame,
@@ -352,10 +360,12 @@ def validate_arguments(
     if needs_split and not data_args.split_file:
         raise ValueError(
             f"Strategy {strategy!r} with these options needs the run's training/validation molecules: "
-            "give --split_file (and the run's dataset options)."
+            "give --model_name_or_path (the run folder, with its split.json) or --split_file."
         )
     if result_args.write_merged_train and not data_args.split_file:
-        raise ValueError("--write_merged_train needs the run's training split: give --split_file.")
+        raise ValueError(
+            "--write_merged_train needs the run's training split: give --model_name_or_path or --split_file."
+        )
     if strategy == "uncertainty" and selection_args.n_passes < 2:
         raise ValueError(f"--n_passes must be >= 2 to estimate a variance, got {selection_args.n_passes}.")
     if selection_args.k is not None and selection_args.fraction is not None:

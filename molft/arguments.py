@@ -97,6 +97,13 @@ class PoolArguments:
             "and exclude them; choosing them leaks evaluation data)."
         },
     )
+    external_strict_smiles: bool = field(
+        default=False,
+        metadata={
+            "help": "Error on an invalid SMILES in the pool (default: skip it with a count; every molecule "
+            "keeps its row in the file as pool id)."
+        },
+    )
 
 
 @dataclass

@@ -30,6 +30,7 @@ from molft.files import BEST_CONFIG_FILE, HP_SEARCH_FILE
 from molft.io import mark_done, write_json
 from molft.metrics import make_compute_metrics
 from molft.run_record import write_options
+from molft.threads import choose_cpu_threads
 from molft.trainer import RegressionTrainer
 
 if TYPE_CHECKING:
@@ -236,6 +237,7 @@ def run_hp_search(
 
     def model_init(trial: Any = None) -> torch.nn.Module:
         model = factory.build(space.trial_params(trial))
+        choose_cpu_threads(model.num_parameters(), on_cpu=training_args.device.type == "cpu")
         # The Trainer seeds before model_init; a plain run's Trainer seeds again after its model is built.
         # Seeding here too gives a trial the data order and dropout draws of a plain run with its
         # hyperparameters, so best_config.yaml reproduces the best trial.
@@ -317,6 +319,12 @@ def run_hp_search(
         script="run_regression.py",
     )
     logger.info("Best trial %s: validation RMSE %.4f with %s", best.run_id, best.objective, best_params)
+    logger.info(
+        "Outputs are in %s: the trials in %s; rerun the best trial with `python run_regression.py %s`.",
+        output_dir.resolve(),
+        HP_SEARCH_FILE,
+        output_dir / BEST_CONFIG_FILE,
+    )
     mark_done(
         output_dir,
         {

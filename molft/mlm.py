@@ -11,7 +11,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,13 +27,11 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_molformer  # noqa: F401  (registers model_type "molformer" with the Auto classes)
-from molft import plots
 from molft.arguments import CheckpointArguments
-from molft.files import DONE_MARKER
-from molft.io import is_done
+from molft.checkpoints import check_weights
+from molft.chem import STANDARDIZE_OPTIONS
 from tokenization_molformer import MolformerTokenizer
 
 logger = logging.getLogger(__name__)
@@ -117,6 +114,14 @@ class MlmDataArguments:
     strict_smiles: bool = field(
         default=False, metadata={"help": "Fail on SMILES RDKit cannot parse instead of dropping them."}
     )
+    standardize: str | None = field(
+        default=None,
+        metadata={
+            "help": "Standardise every corpus molecule with RDKit: fragment_neutral | tautomer | none. Must be "
+            "the --standardize of the run whose split.json is given, so its held-out molecules are recognised.",
+            "choices": [*STANDARDIZE_OPTIONS, "none"],
+        },
+    )
     max_seq_length: int = field(default=202, metadata={"help": "Longer token sequences are truncated."})
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Fraction of tokens selected for the loss."}
@@ -145,6 +150,10 @@ class MlmDataArguments:
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Train into a non-empty output_dir instead of resuming or failing."}
+    )
+    auto_mixed_precision: bool = field(
+        default=True,
+        metadata={"help": "On a GPU without --bf16/--fp16, train in bf16 where supported, else fp16."},
     )
 
     def __post_init__(self) -> None:
@@ -233,25 +242,11 @@ class SmilesMlmCollator:
     gets the same masks whatever batch, position or worker it lands in (samplers may reorder eval sets).
     """
 
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        max_seq_length: int,
-        mlm_probability: float = 0.15,
-        mask_replace_prob: float = 0.8,
-        random_replace_prob: float = 0.1,
-        pad_to_multiple_of: int | None = None,
-    ):
-        self.tokenizer = tokenizer
+    def __init__(self, masking: DataCollatorForLanguageModeling, max_seq_length: int):
+        """`masking` (mlm=True) carries the tokenizer and masking options, so they are stated once."""
+        self.masking = masking
+        self.tokenizer = masking.tokenizer
         self.max_seq_length = max_seq_length
-        self.masking = DataCollatorForLanguageModeling(
-            tokenizer=tokenizer,
-            mlm=True,
-            mlm_probability=mlm_probability,
-            mask_replace_prob=mask_replace_prob,
-            random_replace_prob=random_replace_prob,
-            pad_to_multiple_of=pad_to_multiple_of,
-        )
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         features = [{"input_ids": example["input_ids"]} for example in examples]
@@ -313,14 +308,15 @@ def mlm_collator(
     pad_to_multiple_of: int | None = None,
 ) -> SmilesMlmCollator:
     """The collator exactly as the script configures it (the tests check its masking statistics)."""
-    return SmilesMlmCollator(
-        tokenizer,
-        data_args.max_seq_length,
+    masking = DataCollatorForLanguageModeling(
+        tokenizer=tokenizer,
+        mlm=True,
         mlm_probability=data_args.mlm_probability,
         mask_replace_prob=data_args.mask_replace_prob,
         random_replace_prob=data_args.random_replace_prob,
         pad_to_multiple_of=pad_to_multiple_of,
     )
+    return SmilesMlmCollator(masking, data_args.max_seq_length)
 
 
 def load_tokenizer(
@@ -353,7 +349,13 @@ def load_model(
     """The checkpoint's MLM model, or a new one from the config sized to the tokenizer."""
     hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
     if model_args.model_name_or_path is not None:
+        check_weights(model_args.model_name_or_path)  # a corrupt file is named, not a bare SafetensorError
         model = AutoModelForMaskedLM.from_pretrained(model_args.model_name_or_path, **hub)
+        logger.info(
+            "Model %s: %s parameters, all trained.",
+            model_args.model_name_or_path,
+            f"{model.num_parameters():,}",
+        )
         if len(tokenizer) > model.config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} only "
@@ -405,30 +407,6 @@ def with_perplexity(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return metrics
 
 
-def detect_last_checkpoint(training_args: TrainingArguments, data_args: MlmDataArguments) -> str | None:
-    """Resume an interrupted run; refuse to mix a new run into a folder holding another one."""
-    output_dir = Path(training_args.output_dir)
-    if not (training_args.do_train and output_dir.is_dir() and any(output_dir.iterdir())):
-        return None
-    if data_args.overwrite_output_dir:
-        (output_dir / DONE_MARKER).unlink(missing_ok=True)  # a stale marker would claim the new run finished
-        return None
-    if is_done(output_dir):
-        raise ValueError(
-            f"Output directory {output_dir} already holds a finished run ({DONE_MARKER}); "
-            "use --overwrite_output_dir true or another output_dir."
-        )
-    last_checkpoint = get_last_checkpoint(str(output_dir))
-    if last_checkpoint is None:
-        raise ValueError(
-            f"Output directory {output_dir} is not empty and holds no checkpoint to resume; "
-            "use --overwrite_output_dir true or another output_dir."
-        )
-    if training_args.resume_from_checkpoint is None:
-        logger.info("Checkpoint detected, resuming training at %s.", last_checkpoint)
-    return last_checkpoint
-
-
 def plot_loss_curve(
     log_history: Sequence[dict[str, Any]], initial_metrics: dict[str, float] | None, path: str | os.PathLike
 ) -> bool:
@@ -442,6 +420,8 @@ def plot_loss_curve(
     if not any("loss" in entry or "eval_loss" in entry for entry in history):
         logger.info("No losses were logged; no loss curve written.")
         return False
+    from molft import plots  # matplotlib is slow to import: only once results are written
+
     plots.loss_curves(
         history,
         path,

@@ -5,7 +5,8 @@ trained on: they are removed by canonical SMILES and the overlap is logged and r
 run_mlm.py writes as `mlm_data_summary.json`.
 
 With `max_train_samples` only the molecules needed are checked with RDKit (see `_sampled_corpus`), so a
-quick run on a slice of a large corpus does not parse the whole file.
+quick run on a slice of a large corpus does not parse the whole file. `standardize` applies to every
+molecule read (corpus, validation and exclude files) and must be the one the split.json was made with.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from rdkit import Chem
 
-from molft.chem import canonical_smiles
+from molft.chem import canonical_smiles, check_standardize, mol_from_smiles, standardize_mol
 from molft.data import (
     SMILES_CANDIDATES,
     dataset_fingerprint,
@@ -31,6 +33,7 @@ from molft.data import (
     prepare_molecules,
     read_table,
 )
+from molft.io import read_json
 from molft.splits import read_split_smiles
 
 if TYPE_CHECKING:
@@ -67,11 +70,44 @@ def read_smiles_table(path: str | os.PathLike, smiles_column: str | None = None)
 
 
 def read_smiles_file(
-    path: str | os.PathLike, smiles_column: str | None = None, strict: bool = False
+    path: str | os.PathLike,
+    smiles_column: str | None = None,
+    strict: bool = False,
+    standardize: str | None = None,
 ) -> pd.DataFrame:
     """A SMILES file as a prepared frame (`smiles`, `canonical_smiles`, `row`); unparseable rows dropped or fatal."""
     table, column = read_smiles_table(path, smiles_column)
-    return prepare_molecules(table, column, None, source=str(path), strict=strict, require_labels=False)
+    return prepare_molecules(
+        table, column, None, source=str(path), strict=strict, require_labels=False, standardize=standardize
+    )
+
+
+def corpus_standardize(data_args: MlmDataArguments) -> str | None:
+    """The checked `standardize` of the corpus options (None: molecules as written)."""
+    return check_standardize(getattr(data_args, "standardize", None))
+
+
+def standardized_canonical(smiles: object, standardize: str | None) -> str | None:
+    """Canonical SMILES of the (standardised) molecule, or None when it is invalid or cannot be standardised."""
+    if not standardize:
+        return canonical_smiles(smiles)
+    mol = mol_from_smiles(smiles)
+    if mol is None:
+        return None
+    try:
+        return Chem.MolToSmiles(standardize_mol(mol, standardize))
+    except Exception:  # RDKit raises its own error types for molecules it cannot standardise
+        return None
+
+
+def check_split_standardize(split_file: str | os.PathLike, standardize: str | None) -> None:
+    """A split.json's molecules are comparable with the corpus only under the same standardisation."""
+    made_with = read_json(split_file).get("standardize")
+    if made_with != standardize:
+        raise ValueError(
+            f"split.json {split_file} was made with standardize={made_with!r}, the corpus uses {standardize!r}: "
+            "give the run's --standardize, or its held-out molecules would not be recognised."
+        )
 
 
 def _read_plain_smiles(path: Path) -> pd.DataFrame:
@@ -91,18 +127,23 @@ def training_frame(data_args: MlmDataArguments, cache_dir: str | None = None) ->
     """All molecules the run may learn from, before held-out molecules are removed."""
     sources: dict[str, dict[str, int]] = {}
     frames = []
+    standardize = corpus_standardize(data_args)
     if data_args.dataset_name is not None:
-        frame = split_train_molecules(data_args.dataset_name, data_args.split_file, cache_dir)
+        frame = split_train_molecules(data_args.dataset_name, data_args.split_file, cache_dir, standardize)
         sources[_split_source(data_args)] = {"molecules": len(frame)}
         frames.append(frame)
     elif data_args.train_file is not None:
-        frame = read_smiles_file(data_args.train_file, data_args.smiles_column, data_args.strict_smiles)
+        frame = read_smiles_file(
+            data_args.train_file, data_args.smiles_column, data_args.strict_smiles, standardize
+        )
         sources[str(data_args.train_file)] = {"molecules": len(frame)}
         frames.append(frame)
     else:
         raise ValueError("No training corpus: set train_file, or dataset_name together with split_file.")
     if data_args.include_file is not None:
-        extra = read_smiles_file(data_args.include_file, data_args.smiles_column, data_args.strict_smiles)
+        extra = read_smiles_file(
+            data_args.include_file, data_args.smiles_column, data_args.strict_smiles, standardize
+        )
         sources[str(data_args.include_file)] = {"molecules": len(extra)}
         frames.append(extra)
     return pd.concat(frames, ignore_index=True)[["canonical_smiles"]], sources
@@ -112,12 +153,17 @@ def _split_source(data_args: MlmDataArguments) -> str:
     return f"{data_args.dataset_name} (train split of {data_args.split_file})"
 
 
-def split_train_molecules(dataset_name: str, split_file: str, cache_dir: str | None = None) -> pd.DataFrame:
+def split_train_molecules(
+    dataset_name: str, split_file: str, cache_dir: str | None = None, standardize: str | None = None
+) -> pd.DataFrame:
     """The dataset's molecules that the split.json puts in its train split (checks the split fits the data)."""
+    check_split_standardize(split_file, standardize)
     raw = load_raw_dataset(dataset_name, cache_dir=cache_dir)
     table = pd.concat(raw.frames.values(), ignore_index=True)
     column = find_column(table, None, SMILES_CANDIDATES, "SMILES", raw.source)
-    molecules = prepare_molecules(table, column, None, source=raw.source, require_labels=False)
+    molecules = prepare_molecules(
+        table, column, None, source=raw.source, require_labels=False, standardize=standardize
+    )
     train = set(read_split_smiles(split_file)["train"])
     frame = molecules[molecules["canonical_smiles"].isin(train)]
     missing = len(train - set(frame["canonical_smiles"]))
@@ -137,13 +183,15 @@ def heldout_frames(data_args: MlmDataArguments) -> dict[str, pd.DataFrame]:
     """Held-out molecule sets by name: the split's validation/test plus every exclude file."""
     paths = ([data_args.split_file] if data_args.split_file else []) + list(data_args.exclude_files)
     heldout: dict[str, pd.DataFrame] = {}
+    standardize = corpus_standardize(data_args)
     for path in paths:
         if str(path).lower().endswith(".json"):
+            check_split_standardize(path, standardize)
             split = read_split_smiles(path)
             for name in ("validation", "test"):
                 heldout[f"{path} ({name})"] = pd.DataFrame({"canonical_smiles": split[name]})
         else:
-            heldout[str(path)] = read_smiles_file(path)[["canonical_smiles"]]
+            heldout[str(path)] = read_smiles_file(path, standardize=standardize)[["canonical_smiles"]]
     return heldout
 
 
@@ -185,7 +233,12 @@ def prepare_corpus(data_args: MlmDataArguments, seed: int, cache_dir: str | None
 def _validation_file_smiles(data_args: MlmDataArguments) -> list[str] | None:
     if data_args.validation_file is None:
         return None
-    validation = read_smiles_file(data_args.validation_file, data_args.smiles_column, data_args.strict_smiles)
+    validation = read_smiles_file(
+        data_args.validation_file,
+        data_args.smiles_column,
+        data_args.strict_smiles,
+        corpus_standardize(data_args),
+    )
     return validation["canonical_smiles"].drop_duplicates().tolist()
 
 
@@ -244,7 +297,7 @@ def _sampled_corpus(data_args: MlmDataArguments, seed: int, cache_dir: str | Non
     heldout = heldout_frames(data_args)
     heldout_sets = [set(frame["canonical_smiles"]) for frame in heldout.values()]
     order = np.random.default_rng(seed).permutation(len(rows))
-    walk = _RowWalk(rows["smiles"].to_numpy())
+    walk = _RowWalk(rows["smiles"].to_numpy(), corpus_standardize(data_args))
     validation_smiles = _validation_file_smiles(data_args)
     from_file = validation_smiles is not None
     seen: set[str] = set()
@@ -297,7 +350,9 @@ def _training_rows(data_args: MlmDataArguments, cache_dir: str | None) -> tuple[
     sources: dict[str, dict[str, int]] = {}
     frames = []
     if data_args.dataset_name is not None:
-        frame = split_train_molecules(data_args.dataset_name, data_args.split_file, cache_dir)
+        frame = split_train_molecules(
+            data_args.dataset_name, data_args.split_file, cache_dir, corpus_standardize(data_args)
+        )
         frames.append(_rows(frame["smiles"], _split_source(data_args), frame["row"]))
     elif data_args.train_file is not None:
         table, column = read_smiles_table(data_args.train_file, data_args.smiles_column)
@@ -339,8 +394,9 @@ def _new_molecule(
 class _RowWalk:
     """Canonicalises rows one at a time, remembering every row it checked and its canonical SMILES."""
 
-    def __init__(self, smiles: np.ndarray):
+    def __init__(self, smiles: np.ndarray, standardize: str | None = None):
         self.smiles = smiles
+        self.standardize = standardize
         self.checked: list[int] = []
         self.canonical: list[str | None] = []
 
@@ -350,7 +406,7 @@ class _RowWalk:
         for index in order:
             if limit is not None and len(taken) >= limit:
                 break
-            molecule = canonical_smiles(self.smiles[index])
+            molecule = standardized_canonical(self.smiles[index], self.standardize)
             self.checked.append(int(index))
             self.canonical.append(molecule)
             if molecule is not None and accept(molecule):

@@ -6,12 +6,38 @@ documents itself exactly as its Hub page would.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
-from molft.files import MLM_DATA_SUMMARY_FILE
+from molft.files import BASE_MODEL_DIR, MLM_DATA_SUMMARY_FILE
 
 _METRIC_ROWS = ("rmse", "mae", "r2", "pearson", "spearman", "median_ae", "mse")
 _ADAPTER_METHODS = ("lora", "ia3")
+# an absolute local path (POSIX or home-relative) inside a description: only its last part is published
+_ABSOLUTE_PATH = re.compile(r"(?:~|(?<![\w.-]))/(?:[^\s,()=/]+/)*([^\s,()=/]+)")
+
+# The "Use" code of every regression card; PATH stands for the model folder. It imports the installed
+# package (`pip install .` in this repository), so it runs from any folder, for full models and adapters.
+USAGE_CODE = """from molft.model_utils import unwrap_peft
+from molft.peft_setup import load_regression_checkpoint
+from tokenization_molformer import MolformerTokenizer
+
+model = unwrap_peft(load_regression_checkpoint(PATH))  # an adapter is loaded onto its base model
+tokenizer = MolformerTokenizer.from_pretrained(PATH)
+model.predict(['CCO'], tokenizer)"""
+
+
+def public_text(text: str) -> str:
+    """`text` with every absolute local path replaced by its last part (a file or folder name)."""
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1), text)
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hub model id ("name" or "owner/name") rather than a local folder."""
+    if not name or Path(name).exists():
+        return False
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
 def regression_model_card(
@@ -23,15 +49,26 @@ def regression_model_card(
     metrics: dict[str, Any],
     extra_file: str | None,
     n_extra: int,
+    label_name: str = "label",
+    base_model: str | None = None,
 ) -> str:
-    """Markdown with Hub metadata: what was trained on what, its metrics in label units, and how to load it."""
-    start = model_args.model_name_or_path or f"a new model ({model_args.config_name})"
+    """Markdown with Hub metadata: what was trained on what, its metrics in label units, and how to load it.
+
+    Publishable as it is: no local absolute path (files and local models appear by name), the base of an
+    adapter (`base_model`: what adapter_config.json records) is stated, and the usage code runs anywhere
+    the package is installed.
+    """
+    checkpoint = model_args.model_name_or_path
+    if checkpoint:
+        start = checkpoint if is_hub_id(checkpoint) else f"the local model `{Path(checkpoint).name}`"
+    else:
+        start = f"a new model ({Path(model_args.config_name).name})"
     tags = ["chemistry", "molformer", "regression", "smiles"]
     if peft_method != "none":
         tags += ["peft", peft_method]
     lines = ["---", f"library_name: {'peft' if peft_method in _ADAPTER_METHODS else 'transformers'}"]
-    if model_args.model_name_or_path and "/" in model_args.model_name_or_path:
-        lines.append(f"base_model: {model_args.model_name_or_path}")
+    if is_hub_id(checkpoint):
+        lines.append(f"base_model: {checkpoint}")
     lines += [
         f"tags: [{', '.join(tags)}]",
         "---",
@@ -40,16 +77,23 @@ def regression_model_card(
         "",
         f"Fine-tuned from **{start}** with `run_regression.py` (fine-tuning method: **{peft_method}**; "
         f"head: {model_args.regression_head}, pooling: {model_args.pooling}, loss: {model_args.loss}, "
-        f"target scaling: {model_args.target_scaling}). Predictions are in the label's own units.",
+        f"target scaling: {model_args.target_scaling}). Predictions are in the label's own units "
+        f"({label_name}).",
+    ]
+    if peft_method in _ADAPTER_METHODS:
+        lines += ["", f"Base model: {_base_statement(checkpoint, base_model)}"]
+    lines += [
         "",
         "## Data",
-        f"- Source: {data_source}",
+        f"- Source: {public_text(data_source)}",
         f"- Split: {split.method} ({', '.join(f'{k}={v}' for k, v in split.sizes.items())}); "
         "the exact molecules are in `split.json`.",
     ]
     if extra_file:
-        lines.append(f"- External training molecules: {n_extra} from `{extra_file}` (training split only).")
-    lines += ["", "## Metrics (label units)", "", "| metric | validation | test |", "|---|---|---|"]
+        lines.append(
+            f"- External training molecules: {n_extra} from `{Path(extra_file).name}` (training split only)."
+        )
+    lines += ["", f"## Metrics ({label_name})", "", "| metric | validation | test |", "|---|---|---|"]
     for name in _METRIC_ROWS:
         val, test = metrics.get(f"eval_{name}"), metrics.get(f"test_{name}")
         if val is None and test is None:
@@ -63,32 +107,36 @@ def regression_model_card(
         "",
         "## Use",
         "",
+        "Install the molft repository as a package (`pip install .` in its folder: it provides `molft` and the "
+        "MoLFormer modules), then, with `PATH` this folder (a Hub copy: `huggingface_hub.snapshot_download`):",
+        "",
         "```python",
+        USAGE_CODE,
+        "```",
+        "",
     ]
     if peft_method in _ADAPTER_METHODS:
         lines += [
-            "from transformers import AutoTokenizer",
-            "from molft.peft_setup import load_regression_checkpoint  # this repository's library",
-            "model = load_regression_checkpoint(PATH)  # the adapter on its base model",
-            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
-            "model.base_model.model.predict(['CCO'], tokenizer)",
-        ]
-    else:
-        lines += [
-            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-            "model = AutoModelForSequenceClassification.from_pretrained(PATH, trust_remote_code=True)",
-            "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
-            "model.predict(['CCO'], tokenizer)",
-        ]
-    lines += ["```", ""]
-    if peft_method in _ADAPTER_METHODS:
-        lines += [
-            "This folder holds a peft adapter and the run's config (head, target statistics); its base model "
-            "is named in `adapter_config.json`. Runs with `--merge_adapter` also hold a plain merged model in "
-            "`merged/`.",
+            "This folder holds a peft adapter and the run's config (head, target statistics). Runs with "
+            "`--merge_adapter` also hold a plain merged model in `merged/`.",
             "",
         ]
     return "\n".join(lines)
+
+
+def _base_statement(checkpoint: str | None, recorded: str | None) -> str:
+    """Which model an adapter applies to, and how adapter_config.json names it."""
+    if checkpoint is None:
+        return (
+            f"the model trained from scratch saved with this run in `{BASE_MODEL_DIR}/` (adapter_config.json "
+            f"names it `{recorded or './' + BASE_MODEL_DIR}`, relative to this folder); keep the two together."
+        )
+    if is_hub_id(checkpoint):
+        return f"[{checkpoint}](https://huggingface.co/{checkpoint}) on the Hugging Face Hub."
+    return (
+        f"the local model `{Path(checkpoint).name}`, named `{recorded}` in adapter_config.json (relative to "
+        "this folder); if it lies elsewhere, pass `base_model=` to `load_regression_checkpoint`."
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -119,7 +167,7 @@ def mlm_model_card(
     overlap = summary.get("heldout_overlap", {})
     shown = {k: v for k, v in metrics.items() if k.endswith(_MLM_METRIC_SUFFIXES) or k in _MLM_METRICS}
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(shown.items()))
-    return f"""---
+    return public_text(f"""---
 library_name: transformers
 tags: [chemistry, smiles, molformer, fill-mask]
 ---
@@ -154,4 +202,4 @@ duplicates ({summary["duplicates_dropped"]}) and {overlap.get("dropped", 0)} mol
 Fine-tune for regression with `python run_regression.py --model_name_or_path <this folder> ...`; the encoder
 weights load as they are and only the regression head is newly initialised. SMILES pieces outside the
 vocabulary are encoded as `<unk>`.
-"""
+""")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from molft.checkpoints import check_weights
 from molft.files import BASE_MODEL_DIR
+from molft.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,9 @@ def apply_peft(model: nn.Module, options: PeftOptions) -> nn.Module:
             modules_to_save=[HEAD_PREFIX],
         )
     peft_model = get_peft_model(model, config)
+    # peft's sequence-classification wrapper appends its own head names to ours: keep each name once
+    adapter_config = peft_model.peft_config["default"]
+    adapter_config.modules_to_save = list(dict.fromkeys(adapter_config.modules_to_save))
     if method == "ia3" and options.ia3_init_value != 1.0:
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
@@ -137,7 +143,7 @@ def load_regression_checkpoint(path: str | Path, base_model: str | None = None, 
 
     An adapter folder names its base in `adapter_config.json`; `base_model` overrides that path (e.g. when
     the run directory moved). The adapter folder's own config.json (head, pooling, target statistics) wins
-    over the base's. Errors say which piece is missing.
+    over the base's. Errors say which piece is missing, or which weight file is truncated or corrupt.
     """
     import modeling_molformer_reg  # noqa: F401  registers the Auto classes
     from modeling_molformer_reg import MolformerForRegression
@@ -153,6 +159,7 @@ def load_regression_checkpoint(path: str | Path, base_model: str | None = None, 
             raise ValueError(
                 f"{path} holds a {config.get('model_type')!r} model, not a MoLFormer regression model."
             )
+        check_weights(path)
         return MolformerForRegression.from_pretrained(path, **model_kwargs)
 
     from peft import PeftModel
@@ -162,7 +169,11 @@ def load_regression_checkpoint(path: str | Path, base_model: str | None = None, 
     adapter = json.loads((path / "adapter_config.json").read_text())
     base = base_model or _find_base_model(path, adapter.get("base_model_name_or_path"))
     if Path(base).exists() and not (Path(base) / "config.json").is_file():
-        raise FileNotFoundError(f"Base model {base} of adapter {path} has no config.json.")
+        raise FileNotFoundError(
+            f"Base model {base} of adapter {path} has no config.json; {_base_advice(path)}"
+        )
+    check_weights(path)
+    check_weights(base)
     # run_regression saves the run's config (head, pooling, target statistics) next to the adapter
     if (path / "config.json").is_file():
         model_kwargs.setdefault("config", MolformerConfig.from_pretrained(path))
@@ -174,8 +185,12 @@ def _find_base_model(adapter_dir: Path, recorded: str | None) -> str:
     """The adapter's base: the recorded path or Hub id, else a `base_model` folder of the run it belongs to.
 
     run_regression.py keeps the base of a model trained from scratch in `<output_dir>/base_model`, so a run
-    directory that was moved (or a checkpoint-N inside it) still finds it.
+    directory that was moved (or a checkpoint-N inside it) still finds it. A relative local path is
+    relative to the adapter folder (see `publish_base_reference`), else to the working directory.
     """
+    if recorded and _looks_like_local_path(recorded) and not Path(recorded).is_absolute():
+        if (adapter_dir / recorded / "config.json").is_file():
+            return str(adapter_dir / recorded)
     if recorded and (Path(recorded).exists() or not _looks_like_local_path(recorded)):
         return recorded
     for candidate in (adapter_dir / BASE_MODEL_DIR, adapter_dir.parent / BASE_MODEL_DIR):
@@ -186,10 +201,38 @@ def _find_base_model(adapter_dir: Path, recorded: str | None) -> str:
                 )
             return str(candidate)
     if not recorded:
-        raise ValueError(f"Adapter {adapter_dir} does not name its base model; pass base_model explicitly.")
+        raise ValueError(f"Adapter {adapter_dir} does not name its base model; {_base_advice(adapter_dir)}")
     raise FileNotFoundError(
-        f"Base model {recorded!r} of adapter {adapter_dir} was not found (nor a base_model folder next to "
-        "it); pass base_model explicitly."
+        f"Base model {recorded!r} of adapter {adapter_dir} was not found (nor a {BASE_MODEL_DIR} folder next "
+        f"to it); restore that folder, or {_base_advice(adapter_dir)}"
+    )
+
+
+def publish_base_reference(model: nn.Module, adapter_dir: str | Path) -> str | None:
+    """Name a trained adapter's base without a local absolute path: a Hub id as is, a local folder relative
+    to the adapter folder ("./base_model", "../mlm_run"), in the model's peft config and in the saved
+    adapter_config.json. Returns the name recorded (None for a model without adapter)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or not config.base_model_name_or_path:
+        return None
+    base, adapter_dir = config.base_model_name_or_path, Path(adapter_dir)
+    if Path(base).exists():
+        relative = os.path.relpath(Path(base).resolve(), adapter_dir.resolve())
+        config.base_model_name_or_path = relative if relative.startswith("..") else f"./{relative}"
+    saved = adapter_dir / "adapter_config.json"
+    if saved.is_file():
+        record = json.loads(saved.read_text())
+        record["base_model_name_or_path"] = config.base_model_name_or_path
+        record["modules_to_save"] = list(dict.fromkeys(record.get("modules_to_save") or [])) or None
+        write_json(saved, record)
+    return config.base_model_name_or_path
+
+
+def _base_advice(adapter_dir: Path) -> str:
+    """How to point an adapter at its base, in terms every script accepts (run_regression.py has no flag)."""
+    return (
+        f"set base_model_name_or_path in {adapter_dir / 'adapter_config.json'} to the base model's folder or "
+        "Hub id (run_influence.py and run_selection.py also take --base_model)."
     )
 
 

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from molft.io import save_figure  # noqa: E402
 from molft.metrics import regression_metrics  # noqa: E402
+from molft.stats import finite_vector  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,17 @@ PathLike = str | os.PathLike
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
 
 
-def parity_plot(y_true: Any, y_pred: Any, path: PathLike | None = None, title: str | None = None) -> Figure:
-    """Predicted vs measured; the band shows where half of the predictions fall (± median absolute error)."""
+def parity_plot(
+    y_true: Any,
+    y_pred: Any,
+    path: PathLike | None = None,
+    title: str | None = None,
+    unit: str | None = None,
+) -> Figure:
+    """Predicted vs measured; the band shows where half of the predictions fall (± median absolute error).
+
+    `unit` names the label on the axes (e.g. "logD"); the annotation gives the number of molecules.
+    """
     scores = regression_metrics(y_true, y_pred)
     y_true = np.asarray(y_true, dtype=np.float64)
     y_pred = np.asarray(y_pred, dtype=np.float64)
@@ -56,11 +66,13 @@ def parity_plot(y_true: Any, y_pred: Any, path: PathLike | None = None, title: s
     )
     ax.plot(limits, limits, "k--", linewidth=1, label="y = x")
     ax.scatter(y_true, y_pred, s=12, alpha=0.6, color="tab:blue", edgecolors="none")
-    ax.set(xlim=limits, ylim=limits, xlabel="measured", ylabel="predicted", aspect="equal")
+    suffix = f" {unit}" if unit else ""
+    ax.set(xlim=limits, ylim=limits, xlabel=f"measured{suffix}", ylabel=f"predicted{suffix}", aspect="equal")
     ax.text(
         0.04,
         0.96,
-        f"RMSE = {scores['rmse']:.3f}\nMAE = {scores['mae']:.3f}\nR² = {scores['r2']:.3f}",
+        f"n = {y_true.size} molecules\nRMSE = {scores['rmse']:.3f}\nMAE = {scores['mae']:.3f}\n"
+        f"R² = {scores['r2']:.3f}",
         transform=ax.transAxes,
         va="top",
         bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
@@ -79,25 +91,32 @@ def loss_curves(
     metric_name: str = "RMSE",
     loss_name: str = "loss",
     title: str = "loss",
+    x_axis: str = "step",
+    best_step: int | None = None,
+    metric_title: str | None = None,
 ) -> Figure:
     """Training/evaluation loss (left) and an evaluation metric (right) from a Trainer `state.log_history`.
 
     The defaults draw a regression run (evaluation RMSE); run_mlm.py draws masked-token accuracy.
+    `x_axis` is "step" or "epoch" (entries without it are left out); `best_step` marks the evaluation
+    at that step (e.g. the checkpoint kept) on both panels.
     """
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
-    eval_loss = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    eval_metric = [(e["step"], e[metric]) for e in log_history if metric in e and "step" in e]
+    if x_axis not in ("step", "epoch"):
+        raise ValueError(f"x_axis must be 'step' or 'epoch', got {x_axis!r}.")
+    train = [(entry[x_axis], entry["loss"]) for entry in log_history if "loss" in entry and x_axis in entry]
+    eval_loss = [(e[x_axis], e["eval_loss"]) for e in log_history if "eval_loss" in e and x_axis in e]
+    eval_metric = [(e[x_axis], e[metric]) for e in log_history if metric in e and x_axis in e]
     if not (train or eval_loss or eval_metric):
-        raise ValueError(f"log_history holds no entries with 'step' and 'loss', 'eval_loss' or {metric!r}.")
+        raise ValueError(
+            f"log_history holds no entries with {x_axis!r} and 'loss', 'eval_loss' or {metric!r}."
+        )
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, metric_ax = fig.subplots(1, 2)
-    for points, label, style in ((train, "train loss", "-"), (eval_loss, "eval loss", "o-")):
+    for points, label, style in ((train, "train loss", ".-"), (eval_loss, "eval loss", "o-")):
         if points:
             steps, values = zip(*points, strict=True)
             loss_ax.plot(steps, values, style, label=label)
-    loss_ax.set(xlabel="step", ylabel=loss_name, title=title)
-    loss_ax.legend()
     if eval_metric:
         steps, values = zip(*eval_metric, strict=True)
         metric_ax.plot(steps, values, "o-", color="tab:green")
@@ -106,8 +125,56 @@ def loss_curves(
         metric_ax.text(
             0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=metric_ax.transAxes
         )
-    metric_ax.set(xlabel="step", ylabel=metric_name, title=f"evaluation {metric_name}")
+    best = [e for e in log_history if best_step is not None and e.get("step") == best_step and x_axis in e]
+    if best:
+        for ax in (loss_ax, metric_ax):
+            ax.axvline(
+                best[0][x_axis], color="tab:red", linestyle=":", label=f"best {x_axis} {best[0][x_axis]:g}"
+            )
+        metric_ax.legend()
+    loss_ax.set(xlabel=x_axis, ylabel=loss_name, title=title)
+    loss_ax.legend()
+    metric_ax.set(xlabel=x_axis, ylabel=metric_name, title=metric_title or f"evaluation {metric_name}")
     return _finish(fig, path)
+
+
+TARGET_UNITS = {"standard": "standardised targets", "minmax": "min-max scaled targets", "none": "label units"}
+
+
+def regression_loss_curves(
+    log_history: Sequence[dict[str, Any]],
+    path: PathLike | None = None,
+    *,
+    loss: str = "mse",
+    target_scaling: str = "standard",
+    label_name: str = "label",
+    n_train: int | None = None,
+    n_validation: int | None = None,
+    best_step: int | None = None,
+) -> Figure:
+    """A run_regression.py run by epoch: the training/validation loss, which the model computes on its
+    scaled targets (said on the axis), and validation RMSE in label units, the best epoch marked.
+
+    `best_step` is the step of the checkpoint the run kept (Trainer `state.best_global_step`); without
+    one, the evaluation with the lowest RMSE is marked.
+    """
+    targets = TARGET_UNITS.get(target_scaling, target_scaling)
+    if best_step is None:
+        evaluations = [e for e in log_history if "eval_rmse" in e and "step" in e]
+        best_step = min(evaluations, key=lambda e: e["eval_rmse"])["step"] if evaluations else None
+    trained_on = f", {n_train} training molecules" if n_train else ""
+    checked_on = f" ({n_validation} molecules)" if n_validation else ""
+    return loss_curves(
+        log_history,
+        path,
+        metric="eval_rmse",
+        metric_name=f"RMSE ({label_name})",
+        loss_name=f"{loss} loss on {targets}",
+        title=f"loss ({loss} on {targets}{trained_on})",
+        x_axis="epoch",
+        best_step=best_step,
+        metric_title=f"validation RMSE{checked_on}",
+    )
 
 
 def score_histogram(
@@ -176,7 +243,7 @@ def metric_vs_params(
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.subplots()
     _cell_errorbars(ax, table, params, value, log_x=True)
-    ax.set(xscale="log", xlabel=f"{params} (log scale)", ylabel=f"{value} (mean, 95% CI)")
+    ax.set(ylabel=f"{value} (mean, 95% CI)")
     ax.legend(fontsize="small")
     return _finish(fig, path)
 
@@ -192,9 +259,8 @@ def tradeoff_figure(
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     share_ax, time_ax = fig.subplots(1, 2, sharey=True)
     _cell_errorbars(share_ax, table, share, value, log_x=True)
-    share_ax.set(xscale="log", xlabel=f"{share} (log scale)", ylabel=f"{value} (mean, 95% CI)")
+    share_ax.set(ylabel=f"{value} (mean, 95% CI)")
     _cell_errorbars(time_ax, table, wall_time, value, log_x=False)
-    time_ax.set(xlabel=f"{wall_time}")
     time_ax.legend(fontsize="small")
     return _finish(fig, path)
 
@@ -209,15 +275,15 @@ def shift_diagnostics_plot(
 ) -> Figure:
     """How far an external set lies from the training data, in structure (left) and in label (right)."""
     sims = {
-        "external → train": _finite(nn_sim_external, "nn_sim_external"),
-        reference_label: _finite(nn_sim_reference, "nn_sim_reference"),
+        "external → train": finite_vector(np.ravel(nn_sim_external), "nn_sim_external"),
+        reference_label: finite_vector(np.ravel(nn_sim_reference), "nn_sim_reference"),
     }
     for name, values in sims.items():
         if np.any((values < 0) | (values > 1)):
             raise ValueError(f"Tanimoto similarities for {name!r} must lie in [0, 1].")
     labels = {
-        "train": _finite(labels_train, "labels_train"),
-        "external": _finite(labels_external, "labels_external"),
+        "train": finite_vector(np.ravel(labels_train), "labels_train"),
+        "external": finite_vector(np.ravel(labels_external), "labels_external"),
     }
 
     fig = Figure(figsize=(11, 4), layout="constrained")
@@ -238,7 +304,7 @@ def shift_diagnostics_plot(
 
 
 def _cell_errorbars(ax: Axes, table: pd.DataFrame, x_column: str, value: str, log_x: bool) -> None:
-    """One errorbar per (method, strategy) row: colour per method, marker per strategy."""
+    """One errorbar per (method, strategy) row: colour per method, marker per strategy; labels the x axis."""
     mean, ci_low, ci_high = _require_value_columns(table, value)
     _require_columns(table, ("method", "strategy", x_column))
     x_values = table[x_column].to_numpy(dtype=np.float64)
@@ -262,6 +328,10 @@ def _cell_errorbars(ax: Axes, table: pd.DataFrame, x_column: str, value: str, lo
             capsize=3,
             label=f"{row['method']}, {row['strategy']}",
         )
+    if log_x:
+        ax.set(xscale="log", xlabel=f"{x_column} (log scale)")
+    else:
+        ax.set(xlabel=x_column)
 
 
 def _yerr(mean: Any, ci_low: Any, ci_high: Any) -> np.ndarray:
@@ -284,16 +354,6 @@ def _require_columns(table: pd.DataFrame, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"Table lacks column(s) {missing}; it has {list(table.columns)}.")
-
-
-def _finite(values: Any, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64).ravel()
-    if array.size == 0:
-        raise ValueError(f"{name} is empty.")
-    bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size:
-        raise ValueError(f"{name} holds {bad.size} non-finite value(s), first at index {bad[0]}.")
-    return array
 
 
 def _finish(fig: Figure, path: PathLike | None) -> Figure:

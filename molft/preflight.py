@@ -9,15 +9,22 @@ that names the offline way to proceed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 OFFLINE_ROUTE = (
     "Offline, train a new small MoLFormer instead: `python run_regression.py configs/regression_small.yaml` "
     "(or add `--config_name configs/molformer-small.json`), or give --model_name_or_path a local checkpoint folder."
+)
+MLM_OFFLINE_ROUTE = (
+    "Offline, pretrain a new small MoLFormer instead: `python run_mlm.py configs/mlm_pretrain_small.yaml` "
+    "(a --config_name without --model_name_or_path), or give --model_name_or_path a local checkpoint folder."
 )
 
 # `--report_to` names and the module each needs (the transformers integration names)
@@ -79,13 +86,26 @@ def is_cached(
     return isinstance(found, str)
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` can be a Hub repository id ('name' or 'owner/name'), i.e. is not only a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def missing_model(
     name: str | None, what: str, cache_dir: str | None, revision: str | None, online: bool
 ) -> str | None:
     """Why `name` cannot be loaded here, or None when it is a local folder, cached or downloadable."""
-    if name is None or Path(name).exists() or online:
+    if name is None or Path(name).exists():
         return None
-    if is_cached(name, "config.json", cache_dir, revision, "model"):
+    if not is_hub_id(name):
+        return f"{what} {name!r} does not exist (no such file or folder, and not a model id)."
+    if online or is_cached(name, "config.json", cache_dir, revision, "model"):
         return None
     return (
         f"{what} {name!r} is not a local folder and not in the Hugging Face cache, and the Hub cannot be "
@@ -100,6 +120,35 @@ def missing_dataset(name: str | None, cache_dir: str | None, online: bool) -> st
     if is_cached(name, "README.md", cache_dir, None, "dataset"):
         return None
     return f"Dataset {name!r} is on the Hub, which cannot be reached; pass --train_file with a local file."
+
+
+def hub_dataset(dataset_name: str | None, local_files: bool) -> str | None:
+    """The Hub dataset a run will download: None for local files and for the embedded Lipophilicity copy."""
+    from molft.data import LIPOPHILICITY_HUB_ID, embedded_lipophilicity_path
+
+    if local_files or not dataset_name:
+        return None
+    if dataset_name.lower() != "lipophilicity":
+        return dataset_name
+    try:
+        embedded_lipophilicity_path()
+    except (ImportError, FileNotFoundError):
+        return LIPOPHILICITY_HUB_ID  # what molft.data falls back to
+    return None
+
+
+def adapter_base_model(path: str | None) -> str | None:
+    """The Hub id of an adapter folder's base model; None for a full model, a local base or no folder.
+
+    A local base (absolute, or relative to the adapter folder) is found or reported when the adapter loads.
+    """
+    config = Path(path) / "adapter_config.json" if path else None
+    if config is None or not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or base.startswith((".", "/", "~")) or Path(base).exists() or (Path(path) / base).exists():
+        return None
+    return base if is_hub_id(base) else None
 
 
 def missing_report_backends(report_to: Iterable[str] | str | None) -> list[str]:
@@ -126,11 +175,13 @@ def check_run_needs(
     cache_dir: str | None = None,
     revision: str | None = None,
     timeout: float = 3.0,
+    offline_route: str = OFFLINE_ROUTE,
 ) -> None:
     """Raise one PreflightError listing everything the run needs from outside and cannot get.
 
     `models` maps a flag's meaning (e.g. "Model") to a Hub id or local path; `dataset` is a Hub dataset id
     (None when the data is local or embedded). The Hub is asked at most once, with a short timeout.
+    `offline_route` is the script's way to proceed without the Hub, added when the Hub is missed.
     """
     problems: list[str] = []
     remote = [n for n in (*models.values(), dataset) if n is not None and not Path(n).exists()]
@@ -148,5 +199,18 @@ def check_run_needs(
     if backends:
         problems.append(f"--report_to {','.join(backends)}: not installed ({REPORT_INSTALL_HINT}).")
     if problems:
-        route = OFFLINE_ROUTE if any("Hub" in p for p in problems) else ""
+        route = offline_route if any("Hub" in p for p in problems) else ""
         raise PreflightError(" ".join(["Cannot start this run:", *problems, route]).strip())
+
+
+def exit_on_missing_needs(main: Callable[[], Any]) -> None:
+    """Run a script's main(); a PreflightError ends it as argparse ends a bad command line.
+
+    One line on stderr and exit status 2, instead of a traceback for something that is not a bug;
+    main() itself still raises, for callers in Python.
+    """
+    try:
+        main()
+    except PreflightError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

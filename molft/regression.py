@@ -25,8 +25,8 @@ import modeling_molformer_reg  # noqa: F401  registers MoLFormer with the Auto c
 import tokenization_molformer  # noqa: F401  registers the tokenizer with AutoTokenizer
 from configuration_molformer import MolformerConfig
 from modeling_molformer_reg import MolformerForRegression
-from molft import plots
 from molft.arguments import CheckpointArguments
+from molft.checkpoints import check_weights
 from molft.data import SMILES_CANDIDATES, find_column, prepare_molecules, read_table
 from molft.files import BASE_MODEL_DIR, PARITY_PLOT_FILE, PREDICTIONS_FILE
 from molft.hp_search import CONFIG_HYPERPARAMETERS
@@ -82,14 +82,21 @@ class RegressionModelArguments(CheckpointArguments):
     )
 
 
-def tokenise(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
-    """Token ids without padding (the collator pads each batch) plus labels and optional loss weights."""
+def tokenise(
+    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int, lengths: bool = False
+) -> datasets.Dataset:
+    """Token ids without padding (the collator pads each batch) plus labels and optional loss weights.
+
+    `lengths`: add the `length` column that length-grouped batching reads (training sets only; the Trainer
+    logs every column the model does not take, at every evaluation).
+    """
     encoded = tokenizer(frame["canonical_smiles"].tolist(), truncation=True, max_length=max_length)
     columns: dict[str, list] = {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"],
-        "length": [len(ids) for ids in encoded["input_ids"]],
     }
+    if lengths:
+        columns["length"] = [len(ids) for ids in encoded["input_ids"]]
     if "label" in frame:
         columns["labels"] = frame["label"].astype(np.float32).tolist()
     if "sample_weight" in frame:
@@ -222,6 +229,7 @@ class ModelFactory:
         config = build_config(model_args, peft_options.peft, tokenizer, train_frame)
         finetuned = is_regression_checkpoint(config, model_args.model_name_or_path)
         checkpoint = model_args.model_name_or_path
+        check_weights(checkpoint)  # a corrupt file is named, and before any output is written
         if finetuned and checkpoint and is_adapter_checkpoint(checkpoint) and training_args.do_train:
             raise ValueError(
                 f"{checkpoint} holds a trained adapter: it can be evaluated and used for prediction "
@@ -298,6 +306,14 @@ class ModelFactory:
         return model
 
 
+def cap_splits(frames: dict[str, pd.DataFrame], caps: Mapping[str, int | None]) -> None:
+    """Keep only the first `caps[name]` molecules of each capped split (quick or debugging runs), saying so."""
+    for name, cap in caps.items():
+        if cap is not None and cap < len(frames[name]):
+            logger.info("Using the first %d of the %d %s molecules.", cap, len(frames[name]), name)
+            frames[name] = frames[name].iloc[:cap].reset_index(drop=True)
+
+
 def predict_splits(
     trainer: Trainer, tokenised: dict[str, datasets.Dataset], frames: dict[str, pd.DataFrame]
 ) -> pd.DataFrame:
@@ -323,11 +339,15 @@ def predict_splits(
     return pd.concat(rows, ignore_index=True)
 
 
-def write_predictions(predictions: pd.DataFrame, output_dir: Path) -> None:
-    """predictions.csv and the test set's parity plot."""
+def write_predictions(predictions: pd.DataFrame, output_dir: Path, label_name: str | None = None) -> None:
+    """predictions.csv and the test set's parity plot (axes in `label_name`, e.g. logD)."""
+    from molft import plots  # matplotlib is slow to import: only once results are written
+
     write_csv(output_dir / PREDICTIONS_FILE, predictions)
     test = predictions[predictions["split"] == "test"]
-    plots.parity_plot(test["label"], test["prediction"], output_dir / PARITY_PLOT_FILE, title="Test set")
+    plots.parity_plot(
+        test["label"], test["prediction"], output_dir / PARITY_PLOT_FILE, title="Test set", unit=label_name
+    )
 
 
 def predict_unlabelled(
@@ -345,6 +365,7 @@ def predict_unlabelled(
         source=data_args.predict_file,
         strict=data_args.strict_smiles,
         require_labels=False,
+        standardize=data_args.standardize,
     )
     dataset = tokenise(molecules, tokenizer, data_args.max_seq_length)
     output = trainer.predict(dataset, metric_key_prefix="predict")

@@ -2,12 +2,14 @@
 
 run_regression.py prepares, splits and extends the dataset; run_influence.py and run_selection.py must
 rebuild it exactly as run_regression.py prepared it, or the indices in its split.json point at other
-molecules. Both go through `load_dataset`, and RunDataArguments keeps the readers' options (and so their
-config files) identical to the run's.
+molecules. Both go through `load_dataset`. The run records its data options (files with their sha256,
+the columns it found, the standardisation) in split.json, so RunDataArguments fills every option a reader
+does not give from that record: a finished run is enough to rebuild its data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from molft.chem import STANDARDIZE_OPTIONS, check_standardize
 from molft.data import (
     LABEL_CANDIDATES,
     SMILES_CANDIDATES,
@@ -29,12 +32,25 @@ from molft.data import (
 )
 from molft.files import SPLIT_FILE
 from molft.io import read_json
+from molft.run_record import (
+    FILE_OPTIONS,
+    SOURCE_OPTIONS,
+    check_file_unchanged,
+    data_record,
+    recorded_data_options,
+)
 from molft.splits import SPLIT_NAMES, SplitResult, load_split, make_split, split_frames
 from molft.weights import WEIGHT_MAPPINGS, map_weights
 
 logger = logging.getLogger(__name__)
 
 PRESPLIT_SOURCE = "pre-split files"  # the `source` parameter of the split of data that came already split
+DEFAULT_DATASET = "lipophilicity"
+STANDARDIZE_CHOICES = [*STANDARDIZE_OPTIONS, "none"]
+STANDARDIZE_HELP = (
+    "Standardise every molecule of the run (all splits, extra, predict and pool molecules) with RDKit: "
+    "fragment_neutral (largest fragment, neutralised) | tautomer (that, then the canonical tautomer) | none."
+)
 
 
 class DatasetOptions(Protocol):
@@ -48,6 +64,7 @@ class DatasetOptions(Protocol):
     smiles_column: str | None
     label_column: str | None
     strict_smiles: bool
+    standardize: str | None
 
 
 @dataclass
@@ -78,6 +95,9 @@ class RegressionDataArguments:
     )
     strict_smiles: bool = field(
         default=False, metadata={"help": "Error on invalid SMILES instead of dropping them."}
+    )
+    standardize: str | None = field(
+        default=None, metadata={"help": STANDARDIZE_HELP, "choices": STANDARDIZE_CHOICES}
     )
     split: str = field(
         default="random",
@@ -135,10 +155,17 @@ class RegressionDataArguments:
         default=None, metadata={"help": "Unlabelled SMILES to predict (csv/json/parquet), with --do_predict."}
     )
 
+    def __post_init__(self) -> None:
+        self.standardize = check_standardize(self.standardize)
+
 
 @dataclass
 class RunDataArguments:
-    """The run's dataset, rebuilt as run_regression.py prepares it, so split.json indexes it."""
+    """The run's dataset, rebuilt as run_regression.py prepares it, so split.json indexes it.
+
+    Options left unset are read from what the run recorded; a data source given here (a dataset or a
+    file) replaces the run's source.
+    """
 
     split_file: str | None = field(
         default=None,
@@ -147,16 +174,34 @@ class RunDataArguments:
         },
     )
     dataset_name: str | None = field(
-        default="lipophilicity",
-        metadata={"help": "Dataset of the run, as given to run_regression.py. Ignored with --train_file."},
+        default=None,
+        metadata={
+            "help": f"Dataset of the run. Default: the run's recorded data, else {DEFAULT_DATASET}. "
+            "Ignored with --train_file."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "The run's --train_file, if it had one."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "The run's --train_file (default: the one the run recorded)."}
+    )
     validation_file: str | None = field(default=None, metadata={"help": "The run's --validation_file."})
     test_file: str | None = field(default=None, metadata={"help": "The run's --test_file."})
-    smiles_column: str | None = field(default=None, metadata={"help": "The run's --smiles_column."})
-    label_column: str | None = field(default=None, metadata={"help": "The run's --label_column."})
-    strict_smiles: bool = field(default=False, metadata={"help": "The run's --strict_smiles."})
+    smiles_column: str | None = field(
+        default=None, metadata={"help": "SMILES column of the run's data (default: the one the run used)."}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column of the run's data (default: the one the run used)."}
+    )
+    strict_smiles: bool | None = field(
+        default=None, metadata={"help": "The run's --strict_smiles (default: the run's)."}
+    )
+    standardize: str | None = field(
+        default=None,
+        metadata={"help": "The run's --standardize (default: the run's).", "choices": STANDARDIZE_CHOICES},
+    )
+
+    def __post_init__(self) -> None:
+        check_standardize(self.standardize)  # "none" stays as given until `fill_from_run`: it is not unset
 
     def use_model_split(self, model_name_or_path: str | None, required: bool) -> None:
         """Without --split_file, take the split.json that run_regression.py wrote beside the model.
@@ -176,14 +221,41 @@ class RunDataArguments:
                 "of the run that trained this model, so training, query and test molecules are the run's own."
             )
 
+    def fill_from_run(self) -> None:
+        """Set the options left unset to the run's (split.json, or the run_config.json beside it).
+
+        A data source given here (a dataset or any file) replaces the run's whole source; columns, strict
+        and standardisation are still the run's unless given. A recorded data file must still be the one
+        the run read: a missing or changed file is an error naming it.
+        """
+        if not self.split_file:
+            raise ValueError("No split file: give --split_file (the run's split.json).")
+        recorded, hashes, where = recorded_data_options(self.split_file)
+        own_source = any(getattr(self, name) is not None for name in SOURCE_OPTIONS)
+        taken = {}
+        for name, value in recorded.items():
+            if own_source and name in SOURCE_OPTIONS:
+                continue
+            if getattr(self, name) is None and value is not None:
+                setattr(self, name, value)
+                taken[name] = value
+        if taken:
+            logger.info("The run's data options, from %s: %s", where, taken)
+        for name, digest in hashes.items():
+            if name in taken:
+                check_file_unchanged(name, taken[name], digest, where)
+        if self.dataset_name is None and not any(getattr(self, name) for name in FILE_OPTIONS):
+            self.dataset_name = DEFAULT_DATASET
+        self.strict_smiles = bool(self.strict_smiles)
+        self.standardize = check_standardize(self.standardize)
+
     def load_frames(self) -> dict[str, pd.DataFrame]:
         """The run's train/validation/test frames; `split_file` must be set.
 
         The split records a fingerprint of the prepared data, so other data is an error.
         """
-        if not self.split_file:
-            raise ValueError("No split file: give --split_file (the run's split.json).")
-        dataset, _, source = load_dataset(self)
+        self.fill_from_run()
+        dataset, _, source, _ = load_dataset(self)
         try:
             split = load_split(self.split_file, dataset)
         except ValueError as err:
@@ -204,20 +276,36 @@ class PreparedData:
     source: str
     extra: pd.DataFrame | None = None
     extra_report: dict[str, Any] = field(default_factory=dict)
+    # the columns found ({"smiles_column": ..., "label_column": ...}), and where the data came from (with
+    # file hashes), both recorded in split.json
+    columns: dict[str, str | None] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_presplit(self) -> bool:
         """The data came already split, so no split.json is needed to rebuild the run's split."""
         return self.split.params.get("source") == PRESPLIT_SOURCE
 
+    @property
+    def label_name(self) -> str:
+        """What the label is, for plots and cards: logD for Lipophilicity, else the label column's name."""
+        if "lipophilicity" in str(self.record.get("dataset_name") or "").lower():
+            return "logD"
+        return self.columns.get("label_column") or "label"
+
+    def resolved_options(self, data_args: RegressionDataArguments) -> dict[str, Any]:
+        """The run's data options for run_config.json, with the columns actually used (not the flags)."""
+        return {**dataclasses.asdict(data_args), **self.columns}
+
 
 def load_dataset(
     options: DatasetOptions, keep_columns: Sequence[str] = ()
-) -> tuple[pd.DataFrame, SplitResult | None, str]:
-    """The prepared dataset (every SMILES and label checked), and where the data came from.
+) -> tuple[pd.DataFrame, SplitResult | None, str, dict[str, str | None]]:
+    """The prepared dataset (every SMILES and label checked), where the data came from, and its columns.
 
     Data that come already split are concatenated in train, validation, test order and returned with
-    that predefined split; otherwise the split is None (the caller makes or loads one).
+    that predefined split; otherwise the split is None (the caller makes or loads one). The columns are
+    the ones found (None where the parts of pre-split data name them differently).
     """
     raw = load_raw_dataset(
         None if options.train_file else options.dataset_name,
@@ -226,21 +314,25 @@ def load_dataset(
         test_file=options.test_file,
         dataset_config_name=options.dataset_config_name,
     )
-    prepared = {}
+    prepared, found = {}, {"smiles_column": set(), "label_column": set()}
     for name, frame in raw.frames.items():
         source = f"{raw.source} [{name}]"
         smiles_col = find_column(frame, options.smiles_column, SMILES_CANDIDATES, "SMILES", source)
         label_col = find_column(frame, options.label_column, LABEL_CANDIDATES, "label", source)
+        found["smiles_column"].add(smiles_col)
+        found["label_column"].add(label_col)
         prepared[name] = prepare_molecules(
             frame,
             smiles_col,
             label_col,
             source=source,
-            strict=options.strict_smiles,
+            strict=bool(options.strict_smiles),
             keep_columns=keep_columns,
+            standardize=options.standardize,
         )
+    columns = {key: next(iter(names)) if len(names) == 1 else None for key, names in found.items()}
     if not raw.is_presplit:
-        return prepared["all"], None, raw.source
+        return prepared["all"], None, raw.source, columns
     missing = [name for name in SPLIT_NAMES if name not in prepared]
     if missing:
         raise ValueError(
@@ -254,12 +346,13 @@ def load_dataset(
         method="predefined",
         params={"source": PRESPLIT_SOURCE},
     )
-    return dataset, split, raw.source
+    dataset.attrs = dict(prepared["train"].attrs)  # the standardisation, which save_split records
+    return dataset, split, raw.source, columns
 
 
 def prepare_data(data_args: RegressionDataArguments, reuse_split: Path | None = None) -> PreparedData:
     """Load, check and split the dataset, then add external molecules to the training split."""
-    dataset, split, source = load_and_split(data_args, reuse_split)
+    dataset, split, source, columns = load_and_split(data_args, reuse_split)
     frames = split_frames(dataset, split)
     for name, frame in frames.items():
         if frame.empty:
@@ -275,19 +368,20 @@ def prepare_data(data_args: RegressionDataArguments, reuse_split: Path | None = 
         frames["train"] = pd.concat([frames["train"], extra], ignore_index=True)
     if data_args.max_train_samples is not None:
         frames["train"] = frames["train"].iloc[: data_args.max_train_samples].reset_index(drop=True)
-    return PreparedData(dataset, split, frames, source, extra, extra_report)
+    record = data_record(data_args)
+    return PreparedData(dataset, split, frames, source, extra, extra_report, columns, record)
 
 
 def load_and_split(
     data_args: RegressionDataArguments, reuse_split: Path | None
-) -> tuple[pd.DataFrame, SplitResult, str]:
-    """The prepared dataset (all molecules, checked), its split, and where the data came from."""
+) -> tuple[pd.DataFrame, SplitResult, str, dict[str, str | None]]:
+    """The prepared dataset (all molecules, checked), its split, where the data came from, its columns."""
     keep = [data_args.split_column] if data_args.split_column else []
-    dataset, presplit, source = load_dataset(data_args, keep_columns=keep)
+    dataset, presplit, source, columns = load_dataset(data_args, keep_columns=keep)
     if presplit is not None:
         if data_args.split_file:
             logger.warning("--split_file is ignored: the data come already split (%s).", source)
-        return dataset, presplit, source
+        return dataset, presplit, source, columns
 
     split_file = data_args.split_file or (str(reuse_split) if reuse_split and reuse_split.is_file() else None)
     if split_file and is_split_json(split_file):
@@ -309,7 +403,7 @@ def load_and_split(
                 f"--split_fractions wants 'train,validation,test', got {data_args.split_fractions!r}."
             ) from err
         split = make_split(dataset, data_args.split, fractions=fractions, seed=data_args.split_seed)
-    return dataset, split, source
+    return dataset, split, source, columns
 
 
 def is_split_json(path: str | os.PathLike) -> bool:
@@ -342,7 +436,13 @@ def load_extra(
     label_col = find_column(table, data_args.extra_label_column, LABEL_CANDIDATES, "label", path)
     keep = [data_args.extra_train_weights] if data_args.extra_train_weights else []
     extra = prepare_molecules(
-        table, smiles_col, label_col, source=path, strict=data_args.strict_smiles, keep_columns=keep
+        table,
+        smiles_col,
+        label_col,
+        source=path,
+        strict=data_args.strict_smiles,
+        keep_columns=keep,
+        standardize=data_args.standardize,
     )
     n_valid = len(extra)
     extra, overlap = drop_overlap(

@@ -206,7 +206,10 @@ def shift_diagnostics(
         seed=seed,
     )
     report["reference"] = "test split"
-    report["pool_indices"] = candidates.tolist()
+    # pool ids (rows of the pool file), as in selected.csv
+    report["pool_indices"] = (
+        pool_frame["row"].to_numpy()[candidates] if "row" in pool_frame else candidates
+    ).tolist()
     logger.info("%s", format_shift_report(report))
     output_dir = Path(output_dir)
     write_json(output_dir / SHIFT_REPORT_FILE, report)

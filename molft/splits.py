@@ -379,11 +379,14 @@ def save_split(
     similarity: dict[str, Any] | None = None,
     standardize: str | None = None,
     columns: dict[str, str | None] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> None:
     """Write split.json: indices, molecules, parameters and the fingerprint of the dataset it belongs to.
 
     `similarity` is `split_similarity(df, split)` when the caller has it already (it is computed otherwise).
-    `standardize` (default: `df.attrs`, set by `prepare_molecules`) and `columns` (the SMILES/label columns) are recorded.
+    `standardize` (default: `df.attrs`, set by `prepare_molecules`), `columns` (the SMILES/label columns
+    used, {"smiles_column": ..., "label_column": ...}) and `data` (where the data came from, with file
+    hashes: `molft.run_record.data_record`) are recorded, so a reader can rebuild the data from this file.
     """
     smiles = df["canonical_smiles"].tolist()
     sizes = split.sizes
@@ -404,6 +407,7 @@ def save_split(
         "extra": extra or {},
         "standardize": standardize or df.attrs.get("standardize"),
         "columns": columns,
+        "data": data,
     }
     write_json(path, record)
 

@@ -23,7 +23,7 @@ WILCOXON_ZERO_METHOD = "wilcox"
 
 def summarize(values: Any) -> dict[str, float]:
     """Mean with a 95% Student-t interval; with one seed the interval is undefined (nan)."""
-    array = _finite_vector(values, "values")
+    array = finite_vector(values, "values")
     n = array.size
     mean = float(array.mean())
     if n < 2:
@@ -42,8 +42,8 @@ def paired_comparison(a: Any, b: Any, test: PairedTest = "wilcoxon") -> dict[str
     """
     if test not in ("wilcoxon", "ttest"):
         raise ValueError(f"Unknown paired test {test!r}; use 'wilcoxon' or 'ttest'.")
-    a = _finite_vector(a, "a")
-    b = _finite_vector(b, "b")
+    a = finite_vector(a, "a")
+    b = finite_vector(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"Paired samples must align: a has {a.size} values, b has {b.size}.")
     diff = a - b
@@ -105,7 +105,8 @@ def _t_interval(mean: float, sem: float, n: int) -> tuple[float, float]:
     return mean - half_width, mean + half_width
 
 
-def _finite_vector(values: Any, name: str) -> np.ndarray:
+def finite_vector(values: Any, name: str) -> np.ndarray:
+    """`values` as a 1-D float64 array; refuses another shape, no values or NaN/inf, naming `name`."""
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}.")
@@ -113,5 +114,5 @@ def _finite_vector(values: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} is empty.")
     bad = np.flatnonzero(~np.isfinite(array))
     if bad.size:
-        raise ValueError(f"{name} holds non-finite value(s) at index {bad.tolist()}.")
+        raise ValueError(f"{name} holds {bad.size} non-finite value(s), first at index {bad[0]}.")
     return array

@@ -1,8 +1,10 @@
 """Training set-up for the regression runs: the Trainer subclass, its callbacks, defaults and checkpoints.
 
 Everything the Trainer does differently from its stock behaviour for this task lives here: predictions in
-dataset order, the regression model card, early stopping on validation RMSE that restarts per trial, the
-run's config next to every adapter checkpoint, and resuming an interrupted run in its own folder.
+dataset order, the regression model card, early stopping on validation RMSE that restarts per trial, and the
+run's config next to every adapter checkpoint. Where an interrupted run resumes is molft/checkpoints.py's
+`detect_last_checkpoint`, re-exported here. `ResultsTrainer` (run_mlm.py's Trainer too) writes the usual
+`{split}_results.json` files atomically.
 """
 
 from __future__ import annotations
@@ -25,18 +27,31 @@ from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     IntervalStrategy,
     SaveStrategy,
-    get_last_checkpoint,
     has_length,
 )
 
-from molft.files import DONE_MARKER, MODEL_CARD_FILE
-from molft.io import is_done, write_text
+from molft.checkpoints import detect_last_checkpoint  # noqa: F401  re-exported: where a run resumes
+from molft.files import ALL_RESULTS_FILE, MODEL_CARD_FILE
+from molft.io import read_json, write_json, write_text
 from molft.model_utils import unwrap_peft
 
 logger = logging.getLogger(__name__)
 
 
-class RegressionTrainer(Trainer):
+class ResultsTrainer(Trainer):
+    """Trainer whose `save_metrics` files (train_results.json, ..., all_results.json) are written atomically."""
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        write_json(output_dir / f"{split}_results.json", metrics)
+        if combined:
+            path = output_dir / ALL_RESULTS_FILE
+            write_json(path, {**(read_json(path) if path.is_file() else {}), **metrics})
+
+
+class RegressionTrainer(ResultsTrainer):
     """Trainer whose model card (also the one `push_to_hub` uploads) is the regression card."""
 
     model_card_text: str | None = None
@@ -127,76 +142,80 @@ def configure_training(
         training_args.dataloader_pin_memory = (
             False  # pinning needs an accelerator; avoids a warning per loader
         )
-    if auto_mixed_precision and use_gpu and not (training_args.bf16 or training_args.fp16):
-        if torch.cuda.is_bf16_supported():
-            training_args.bf16, training_args.mixed_precision = True, "bf16"
-        else:
-            training_args.fp16, training_args.mixed_precision = True, "fp16"
-        logger.info(
-            "Mixed precision: %s (--auto_mixed_precision false to train in fp32).",
-            training_args.mixed_precision,
-        )
+    if auto_mixed_precision:
+        enable_mixed_precision(training_args)
 
 
-def detect_last_checkpoint(
-    output_dir: str | Path,
-    *,
-    do_train: bool,
-    overwrite: bool,
-    resume_from_checkpoint: str | bool | None = None,
-    process_index: int = 0,
-    require_checkpoint: bool = False,
-) -> str | None:
-    """The checkpoint to resume an interrupted run from; refuse to mix a new run into a finished one.
-
-    `overwrite` starts afresh (dropping a stale completion marker, on the main process only).
-    `require_checkpoint`: a non-empty folder without a checkpoint is an error rather than a fresh start.
-    """
-    output_dir = Path(output_dir)
-    if not (do_train and output_dir.is_dir() and any(output_dir.iterdir())):
-        return None
-    if overwrite:
-        if process_index == 0:  # a stale marker would claim the new run finished
-            (output_dir / DONE_MARKER).unlink(missing_ok=True)
-        return None
-    if is_done(output_dir):
-        raise ValueError(
-            f"Output directory {output_dir} already holds a finished run ({DONE_MARKER}); "
-            "use --overwrite_output_dir true or another --output_dir."
-        )
-    last = get_last_checkpoint(str(output_dir))
-    if last is None and require_checkpoint:
-        raise ValueError(
-            f"Output directory {output_dir} is not empty and holds no checkpoint to resume; "
-            "use --overwrite_output_dir true or another --output_dir."
-        )
-    if last is not None and resume_from_checkpoint is None:
-        logger.info("Resuming from %s (pass --overwrite_output_dir true to start afresh).", last)
-    return last
+def enable_mixed_precision(training_args: TrainingArguments) -> None:
+    """On a GPU without --bf16/--fp16, train in bf16 where supported, else fp16 (both training scripts)."""
+    use_gpu = torch.cuda.is_available() and not training_args.use_cpu
+    if not use_gpu or training_args.bf16 or training_args.fp16:
+        return
+    if torch.cuda.is_bf16_supported():
+        training_args.bf16, training_args.mixed_precision = True, "bf16"
+    else:
+        training_args.fp16, training_args.mixed_precision = True, "fp16"
+    logger.info(
+        "Mixed precision: %s (--auto_mixed_precision false to train in fp32).", training_args.mixed_precision
+    )
 
 
 def train_model(
     trainer: Trainer, tokenizer: PreTrainedTokenizerBase, resume_from: str | bool | None
 ) -> dict[str, Any]:
-    """Train (resuming if asked), keep the best checkpoint's weights, and save what reloading needs."""
+    """Train (resuming if asked), keep the best checkpoint's weights, and save what reloading needs.
+
+    The train metrics go to train_results.json; the caller writes all_results.json once the run is complete.
+    """
     result = trainer.train(resume_from_checkpoint=resume_from)
+    log_best_model(trainer)
     trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
+    metrics = {**result.metrics, "train_samples": len(trainer.train_dataset)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics, combined=False)
     trainer.save_state()
     if trainer.is_world_process_zero():
         # an adapter folder needs the run's config (head, pooling, target statistics) next to it
         unwrap_peft(trainer.model).config.save_pretrained(trainer.args.output_dir)
         tokenizer.save_pretrained(trainer.args.output_dir)
-    return {**result.metrics, "train_samples": len(trainer.train_dataset)}
+    return metrics
+
+
+def log_best_model(trainer: Trainer) -> None:
+    """Say which evaluation's weights a training ends with, when the best one was restored."""
+    state, metric = trainer.state, trainer.args.metric_for_best_model
+    if not (trainer.args.load_best_model_at_end and state.best_model_checkpoint and metric):
+        return
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    epoch = next(
+        (
+            e.get("epoch")
+            for e in state.log_history
+            if e.get("step") == state.best_global_step and metric in e
+        ),
+        None,
+    )
+    logger.info(
+        "Best model restored: %s (epoch %s, step %s, %s %.4f).",
+        Path(state.best_model_checkpoint).name,
+        "?" if epoch is None else f"{epoch:g}",
+        state.best_global_step,
+        metric,
+        state.best_metric,
+    )
 
 
 def evaluate_splits(trainer: Trainer, tokenised: dict[str, datasets.Dataset]) -> dict[str, float]:
-    """Validation (eval_*) and test (test_*) metrics of the final model, in label units."""
+    """Validation (eval_*) and test (test_*) metrics of the final model, in label units.
+
+    Each split's metrics also go to eval_results.json / test_results.json, as in the transformers examples.
+    """
     # early stopping watches validation RMSE during training only; these evaluations must not feed it
     trainer.remove_callback(ValidationEarlyStopping)
     metrics: dict[str, float] = {}
     for name, prefix in (("validation", "eval"), ("test", "test")):
         split_metrics = trainer.evaluate(eval_dataset=tokenised[name], metric_key_prefix=prefix)
         trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics, combined=False)
         metrics.update(split_metrics)
     return metrics

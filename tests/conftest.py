@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to ../shared, tiny configs and a tiny tokenizer."""
+"""Shared fixtures: paths to ../shared, tiny configs, a tiny tokenizer and the corpus SMILES the MLM tests use."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -37,6 +38,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "hub" in item.keywords:
                 item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip_cuda)
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +57,12 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"shared data not found at {DATA}")
     return DATA
+
+
+@pytest.fixture(scope="module")
+def corpus_smiles(data_dir) -> list[str]:
+    """The first 400 SMILES of the pretraining corpus (molft.mlm and run_mlm.py tests)."""
+    corpus = data_dir / "pretrain_chembl30_zinc_120k.csv"
+    if not corpus.is_file():
+        pytest.skip(f"pretraining corpus not found at {corpus}")
+    return pd.read_csv(corpus, nrows=400)["smiles"].tolist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from unittest.mock import patch
@@ -12,8 +14,12 @@ import pytest
 import torch
 
 from configuration_molformer import MolformerConfig
+from molft.chem import canonical_smiles
+from molft.files import SPLIT_FILE
+from molft.io import read_json
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "molformer-tiny.json"
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "molformer-tiny.json"
 
 
 def tiny_config(**overrides) -> MolformerConfig:
@@ -35,6 +41,20 @@ def head_copy(source: Path, target: Path, n_rows: int) -> Path:
     """The first `n_rows` of a shared csv, so script tests run on a slice of the real file."""
     pd.read_csv(source, nrows=n_rows).to_csv(target, index=False)
     return target
+
+
+def run_and_pool_files(data_dir: Path, tmp: Path, n_dataset: int, n_pool: int) -> tuple[Path, Path]:
+    """The first `n_dataset` Lipophilicity rows (a run's dataset) and `n_pool` external molecules (its pool)."""
+    train_file = head_copy(data_dir / "lipophilicity.csv", tmp / f"lipophilicity_{n_dataset}.csv", n_dataset)
+    return train_file, head_copy(data_dir / "external_300.csv", tmp / "pool.csv", n_pool)
+
+
+def pool_rows_in_split(pool_file: Path, run_dir: Path) -> list[int]:
+    """Positions of the pool molecules that are in the run's validation or test split (its split.json)."""
+    split = read_json(run_dir / SPLIT_FILE)
+    heldout_smiles = set(split["smiles"]["validation"]) | set(split["smiles"]["test"])
+    pool = pd.read_csv(pool_file)
+    return [i for i, smi in enumerate(pool["SMILES"]) if canonical_smiles(smi) in heldout_smiles]
 
 
 def train_tiny_regression(train_file: Path, run_dir: Path, *extra: str) -> Path:
@@ -70,3 +90,26 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def write_smiles(path: Path, smiles: list[str], column: str = "smiles") -> Path:
+    """A one-column csv of `smiles` (the shape run_mlm.py and molft.mlm_corpus read)."""
+    pd.DataFrame({column: smiles}).to_csv(path, index=False)
+    return path
+
+
+def launch_two_processes(script: str, *args: str | Path | int) -> subprocess.CompletedProcess[str]:
+    """`script` (run_regression.py, run_mlm.py) with `args` as two DDP processes on the CPU; asserts success.
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher needs mpirun for more);
+    --multi_gpu starts two through torchrun, which with --use_cpu train on the CPU over gloo.
+    """
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / script),
+        *map(str, args),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

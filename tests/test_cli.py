@@ -174,9 +174,12 @@ def test_run_influence(influence_run):
     for name in (INFLUENCE_SCORES_FILE, INFLUENCE_SUMMARY_FILE, INFLUENCE_HISTOGRAM_FILE, DONE_MARKER):
         assert (influence_run / name).is_file(), name
     scores = pd.read_csv(influence_run / INFLUENCE_SCORES_FILE)
-    assert len(scores) == N_POOL
+    # pool molecules in the run's validation/test split are left out of the scores (issue #13)
+    pool = json.loads((influence_run / INFLUENCE_SUMMARY_FILE).read_text())["external_file"]
+    n_scored = N_POOL - pool["heldout_overlap"]["left_out"]
+    assert len(scores) == pool["n_scored"] == n_scored and pool["n_rows"] == N_POOL
     assert scores["score"].notna().all() and scores["score"].std() > 0
-    assert sorted(scores["rank"]) == list(range(1, N_POOL + 1))
+    assert sorted(scores["rank"]) == list(range(1, n_scored + 1))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from molft.influence.report import score_statistics, score_table
+from molft.influence.report import leave_out_heldout, score_statistics, score_table
 
 
 def test_score_statistics_by_hand():
@@ -33,6 +33,40 @@ def test_score_table_ranks_and_flags_split_members():
         "test": pd.DataFrame({"canonical_smiles": ["CCC"]}),
     }
     table = score_table(pool, np.array([0.5, -2.0, -0.1]), frames)
-    assert table["rank"].tolist() == [3, 1, 2]
-    assert table["helpful"].tolist() == [False, True, True]
+    # a test-split molecule (kept with --keep_heldout_overlap) is marked but never ranked (issue #13)
+    assert table["rank"].tolist() == [2, 1, pd.NA]
+    assert table["helpful"].tolist() == [False, True, pd.NA]
     assert table["in_run_split"].tolist() == ["", "train", "test"]
+    assert table["index"].tolist() == [0, 1, 2]  # pool ids: positions for a frame without `row`
+
+
+def test_heldout_pool_molecules_are_left_out_unless_kept():
+    pool = pd.DataFrame(
+        {
+            "smiles": ["C", "CC", "CCC", "CCCC"],
+            "canonical_smiles": ["C", "CC", "CCC", "CCCC"],
+            "label": [1.0, 2.0, 3.0, 4.0],
+            "row": [0, 2, 3, 5],  # rows 1 and 4 of the file held invalid SMILES
+        }
+    )
+    pool.attrs["n_rows"] = 6
+    frames = {
+        "train": pd.DataFrame({"canonical_smiles": ["CC"]}),
+        "validation": pd.DataFrame({"canonical_smiles": ["CCCC"]}),
+        "test": pd.DataFrame({"canonical_smiles": ["CCC"]}),
+    }
+    scored, report = leave_out_heldout(pool, frames, keep=False)
+    assert scored["row"].tolist() == [0, 2] and scored["in_run_split"].tolist() == ["", "train"]
+    assert report == {
+        "n_rows": 6,
+        "n_invalid_skipped": 2,
+        "n_scored": 2,
+        "heldout_overlap": {"train": 1, "validation": 1, "test": 1, "left_out": 2, "kept_unranked": 0},
+    }
+    kept, report = leave_out_heldout(pool, frames, keep=True)
+    assert report["n_scored"] == 4 and report["heldout_overlap"]["kept_unranked"] == 2
+    table = score_table(kept, np.array([0.3, -0.2, -5.0, -4.0]), frames)
+    assert table["index"].tolist() == [0, 2, 3, 5]  # pool ids, the file's rows
+    assert table["rank"].tolist() == [2, 1, pd.NA, pd.NA]
+    with pytest.raises(ValueError, match="Every pool molecule is in the run's validation/test split"):
+        leave_out_heldout(pool.iloc[2:], frames, keep=False)

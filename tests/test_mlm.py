@@ -7,9 +7,9 @@ from pathlib import Path
 from unittest.mock import patch
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from helpers import TINY_CONFIG, write_smiles
 from transformers import TrainingArguments
 
 from molft import mlm_corpus
@@ -28,20 +28,6 @@ from molft.mlm_corpus import prepare_corpus
 from tokenization_molformer import MolformerTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "pretrain_chembl30_zinc_120k.csv"
-TINY_CONFIG = ROOT / "configs" / "molformer-tiny.json"
-
-
-@pytest.fixture(scope="module")
-def corpus_smiles() -> list[str]:
-    if not CORPUS.is_file():
-        pytest.skip(f"pretraining corpus not found at {CORPUS}")
-    return pd.read_csv(CORPUS, nrows=400)["smiles"].tolist()
-
-
-def write_smiles(path: Path, smiles: list[str], column: str = "smiles") -> Path:
-    pd.DataFrame({column: smiles}).to_csv(path, index=False)
-    return path
 
 
 def test_evaluation_masks_do_not_depend_on_batching(corpus_smiles):

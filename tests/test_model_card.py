@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from molft.files import MLM_DATA_SUMMARY_FILE
 from molft.mlm import MlmDataArguments, MlmModelArguments
-from molft.model_card import mlm_model_card
+from molft.model_card import is_hub_id, mlm_model_card, public_text
 
 
 def _tiny_model() -> SimpleNamespace:
@@ -54,3 +54,36 @@ def test_mlm_card_of_a_sampled_corpus_says_how_much_was_read():
     card = mlm_model_card(MlmModelArguments(), MlmDataArguments(), _tiny_model(), summary, {})
     assert "- `corpus.csv`: 1000 rows\n\nOnly 60 of these 1000 rows were read" in card
     assert "from ibm/MoLFormer-XL-both-10pct." in card and "(none given)" in card
+
+
+def test_public_text_keeps_file_names_and_hub_ids_but_no_absolute_paths():
+    assert (
+        public_text("files (train=/home/me/data/logd.csv, test=~/t.csv)")
+        == "files (train=logd.csv, test=t.csv)"
+    )
+    assert (
+        public_text("lipophilicity (chemloader copy at /usr/lib/site/chemloader/Lipophilicity.csv)")
+        == "lipophilicity (chemloader copy at Lipophilicity.csv)"
+    )
+    hub = "Hugging Face Hub scikit-fingerprints/MoleculeNet_Lipophilicity"
+    assert public_text(hub) == hub and public_text("data/x.csv") == "data/x.csv"
+    assert is_hub_id("ibm/MoLFormer-XL-both-10pct") and not is_hub_id("/abs/model")
+    assert not is_hub_id("./base_model") and not is_hub_id("a/b/c") and not is_hub_id(None)
+
+
+def test_mlm_card_shows_no_absolute_paths():
+    summary = {
+        "sources": {"/home/me/corpus/zinc.csv": {"molecules": 200}},
+        "n_train": 150,
+        "n_validation": 10,
+        "duplicates_dropped": 0,
+    }
+    card = mlm_model_card(
+        MlmModelArguments(model_name_or_path="/home/me/runs/mlm_start"),
+        MlmDataArguments(),
+        _tiny_model(),
+        summary,
+        {},
+    )
+    assert "/home/me" not in card
+    assert "Trained with `run_mlm.py` from mlm_start." in card and "- `zinc.csv`: 200 molecules" in card

@@ -477,3 +477,29 @@ def test_forward_mode_derivatives_stay_finite_on_padded_batches():
     problem = InfluenceProblem(model, select_parameters(model, "all"))
     products = problem.grad_dot(batch, torch.randn(2, problem.num_params))
     assert products.dtype == torch.float32 and torch.isfinite(products).all()
+
+
+def test_masked_lm_loss_normalised_by_num_items_in_batch():
+    """Given the Trainer's token count over several micro-batches (or processes), the losses of the parts add
+    up to the mean over all their masked tokens, as one large batch gives."""
+    model = randomised(MolformerForMaskedLM(tiny_config())).eval()
+    assert model.accepts_loss_kwargs  # the Trainer then passes num_items_in_batch and stops rescaling itself
+    input_ids, mask = batch(seq_len=10)
+    labels = torch.full_like(input_ids, -100)
+    labels[0, [1, 2, 5]] = input_ids[0, [1, 2, 5]]
+    labels[1, [3]] = input_ids[1, [3]]
+    labels[2, [6, 8]] = input_ids[2, [6, 8]]
+    with torch.no_grad():
+        whole = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        parts = [
+            model(
+                input_ids=input_ids[rows],
+                attention_mask=mask[rows],
+                labels=labels[rows],
+                num_items_in_batch=6,
+            ).loss
+            for rows in ([0], [1, 2])
+        ]
+        first_alone = model(input_ids=input_ids[:1], attention_mask=mask[:1], labels=labels[:1]).loss
+    torch.testing.assert_close(parts[0] + parts[1], whole)
+    torch.testing.assert_close(parts[0], first_alone * 3 / 6)  # a sum over its 3 tokens, divided by all 6

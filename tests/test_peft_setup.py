@@ -182,6 +182,46 @@ def test_missing_base_is_a_clear_error(adapter_run):
         load_regression_checkpoint(run)
 
 
+def test_missing_base_advice_is_what_every_script_accepts(adapter_run):
+    """run_regression.py has no --base_model: the fix it can use is the adapter's own config (or the folder)."""
+    run, expected = adapter_run
+    moved_base = shutil.move(run / BASE_MODEL_DIR, run.parent / "kept_base")
+    with pytest.raises(FileNotFoundError) as error:
+        load_regression_checkpoint(run)
+    message = str(error.value)
+    assert (
+        "restore that folder, or set base_model_name_or_path in " + str(run / "adapter_config.json")
+        in message
+    )
+    assert "run_influence.py and run_selection.py also take --base_model" in message
+    # the advice works: the adapter config pointed at the moved base reloads the same model
+    config = json.loads((run / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(moved_base)
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(predict(load_regression_checkpoint(run)), expected)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_corrupt_full_checkpoint_names_its_file(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "run")
+    _truncate(tmp_path / "run" / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=rf"{tmp_path}/run/model.safetensors cannot be read, it is truncated"
+    ):
+        load_regression_checkpoint(tmp_path / "run")
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", f"{BASE_MODEL_DIR}/model.safetensors"])
+def test_corrupt_adapter_or_base_names_its_file(damaged, adapter_run):
+    run, _ = adapter_run
+    _truncate(run / damaged)
+    with pytest.raises(ValueError, match=rf"{run / damaged} cannot be read, it is truncated or corrupt"):
+        load_regression_checkpoint(run)
+
+
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_regression_checkpoint(tmp_path / "nothing")

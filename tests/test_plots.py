@@ -154,3 +154,46 @@ def test_shift_diagnostics_plot(tmp_path):
     assert len(sim_ax.get_legend().get_texts()) == 2
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         plots.shift_diagnostics_plot([1.2], [0.5], [1.0], [1.0])
+
+
+def test_parity_plot_names_the_unit_and_counts_the_molecules():
+    fig = plots.parity_plot([1.0, 2.0, 3.0], [1.1, 2.2, 2.7], title="Test set", unit="logD")
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("measured logD", "predicted logD")
+    assert ax.texts[0].get_text().startswith("n = 3 molecules\nRMSE = ")
+    plain = plots.parity_plot([1.0, 2.0], [1.0, 2.5]).axes[0]
+    assert (plain.get_xlabel(), plain.get_ylabel()) == ("measured", "predicted")
+
+
+def test_regression_loss_curves_by_epoch_with_the_best_epoch_marked(tmp_path):
+    history = [
+        {"loss": 1.0, "step": 5, "epoch": 0.5},
+        {"loss": 0.8, "step": 10, "epoch": 1.0},
+        {"eval_loss": 0.9, "eval_rmse": 0.95, "step": 10, "epoch": 1.0},
+        {"loss": 0.6, "step": 15, "epoch": 1.5},
+        {"loss": 0.5, "step": 20, "epoch": 2.0},
+        {"eval_loss": 0.7, "eval_rmse": 0.85, "step": 20, "epoch": 2.0},
+        {"eval_loss": 0.75, "eval_rmse": 0.9, "step": 30, "epoch": 3.0},
+        {"train_loss": 0.7, "train_runtime": 3.0, "step": 30, "epoch": 3.0},
+    ]
+    path = tmp_path / "loss_curves.png"
+    fig = plots.regression_loss_curves(
+        history, path, loss="mse", label_name="logD", n_train=96, n_validation=12, best_step=20
+    )
+    _assert_written(path)
+    loss_ax, rmse_ax = fig.axes
+    assert loss_ax.get_xlabel() == rmse_ax.get_xlabel() == "epoch"
+    assert loss_ax.get_ylabel() == "mse loss on standardised targets"
+    assert loss_ax.get_title() == "loss (mse on standardised targets, 96 training molecules)"
+    assert (rmse_ax.get_ylabel(), rmse_ax.get_title()) == ("RMSE (logD)", "validation RMSE (12 molecules)")
+    train, evaluation, best = loss_ax.lines
+    assert list(train.get_xdata()) == [0.5, 1.0, 1.5, 2.0] and list(evaluation.get_xdata()) == [1.0, 2.0, 3.0]
+    assert list(best.get_xdata()) == [2.0, 2.0] and best.get_label() == "best epoch 2"
+    assert list(rmse_ax.lines[-1].get_xdata()) == [2.0, 2.0]
+    assert [t.get_text() for t in rmse_ax.get_legend().get_texts()] == ["best epoch 2"]
+    # without a kept checkpoint: the lowest validation RMSE is marked; other scalings say what they are
+    fig = plots.regression_loss_curves(history, target_scaling="minmax")
+    assert fig.axes[0].lines[-1].get_label() == "best epoch 2"
+    assert fig.axes[0].get_ylabel() == "mse loss on min-max scaled targets"
+    with pytest.raises(ValueError, match="x_axis must be 'step' or 'epoch'"):
+        plots.loss_curves(history, x_axis="time")

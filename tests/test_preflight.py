@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -59,3 +60,70 @@ def test_missing_report_backend_alone_has_no_hub_advice(monkeypatch):
     with pytest.raises(PreflightError) as err:
         check_run_needs(models={}, report_to=["fakeboard"])
     assert "Offline" not in str(err.value)
+
+
+def test_a_path_that_does_not_exist_is_named_even_online(monkeypatch):
+    monkeypatch.setattr(preflight, "hub_reachable", lambda timeout=3.0: True)
+    with pytest.raises(PreflightError, match=r"Model 'runs/missing/model' does not exist") as err:
+        check_run_needs(models={"Model": "runs/missing/model"})
+    assert "Offline" not in str(err.value)  # the Hub would not help
+    check_run_needs(models={"Model": "org/model"}, push_to_hub=True)  # reachable: nothing to report
+
+
+def test_the_script_names_its_own_offline_route(offline):
+    with pytest.raises(PreflightError, match=r"run_mlm\.py configs/mlm_pretrain_small\.yaml"):
+        check_run_needs(models={"Model": "org/model"}, offline_route=preflight.MLM_OFFLINE_ROUTE)
+
+
+def test_only_hub_datasets_are_checked(monkeypatch, tmp_path):
+    assert preflight.hub_dataset("lipophilicity", local_files=False) is None  # the embedded chemloader copy
+    assert preflight.hub_dataset("org/dataset", local_files=True) is None  # --train_file wins
+    assert preflight.hub_dataset("org/dataset", local_files=False) == "org/dataset"
+    assert preflight.hub_dataset(None, local_files=False) is None
+
+    def not_installed():
+        raise ImportError("no chemloader")
+
+    monkeypatch.setattr("molft.data.embedded_lipophilicity_path", not_installed)
+    assert (
+        preflight.hub_dataset("Lipophilicity", local_files=False)
+        == "scikit-fingerprints/MoleculeNet_Lipophilicity"
+    )
+
+
+def test_an_adapter_needs_its_hub_base_model(tmp_path):
+    def adapter(base: str | None):
+        folder = tmp_path / f"adapter_{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        return str(folder)
+
+    (tmp_path / "base_model").mkdir()
+    assert (
+        preflight.adapter_base_model(adapter("ibm/MoLFormer-XL-both-10pct")) == "ibm/MoLFormer-XL-both-10pct"
+    )
+    assert preflight.adapter_base_model(adapter("./base_model")) is None  # local: checked when it loads
+    assert preflight.adapter_base_model(adapter(str(tmp_path / "base_model"))) is None
+    assert preflight.adapter_base_model(adapter(None)) is None
+    assert preflight.adapter_base_model(str(tmp_path / "base_model")) is None  # a full model, no adapter
+    assert preflight.adapter_base_model(None) is None
+
+
+def test_a_script_ends_like_a_bad_command_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["run_regression.py"])
+
+    def main():
+        raise PreflightError("Cannot start this run: Model 'org/model' ...")
+
+    with pytest.raises(SystemExit) as ended:
+        preflight.exit_on_missing_needs(main)
+    assert ended.value.code == 2
+    assert (
+        capsys.readouterr().err == "run_regression.py: error: Cannot start this run: Model 'org/model' ...\n"
+    )
+
+    def broken():
+        raise ValueError("a bug keeps its traceback")
+
+    with pytest.raises(ValueError, match="a bug"):
+        preflight.exit_on_missing_needs(broken)

@@ -19,6 +19,7 @@ from molft.regression import (
     ModelFactory,
     RegressionModelArguments,
     build_config,
+    cap_splits,
     load_tokenizer,
     target_statistics,
 )
@@ -79,3 +80,17 @@ def test_masked_lm_checkpoint_starts_the_encoder(data_dir, tmp_path):
     assert encoder.keys() == reference.keys()
     assert all(torch.equal(encoder[k], reference[k]) for k in encoder)
     assert model.config.target_mean == pytest.approx(1.5) and model.config.regression_head == "molformer"
+
+
+def test_capped_splits_keep_their_first_molecules(caplog):
+    frames = {
+        name: pd.DataFrame({"row": np.arange(10) + offset})
+        for name, offset in (("validation", 0), ("test", 100))
+    }
+    with caplog.at_level("INFO", logger="molft.regression"):
+        cap_splits(frames, {"validation": 3, "test": None})
+    assert frames["validation"]["row"].tolist() == [0, 1, 2]
+    assert len(frames["test"]) == 10
+    assert "Using the first 3 of the 10 validation molecules." in caplog.messages
+    cap_splits(frames, {"test": 50})  # a cap above the size changes nothing
+    assert len(frames["test"]) == 10

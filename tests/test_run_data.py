@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pandas as pd
 import pytest
 
 from molft.data import prepare_molecules
-from molft.run_data import RegressionDataArguments, RunDataArguments, prepare_data
+from molft.io import read_json
+from molft.run_data import PreparedData, RegressionDataArguments, RunDataArguments, prepare_data
 from molft.splits import make_split, save_split
 
 SMILES = [
@@ -90,3 +94,153 @@ def test_presplit_files_are_the_same_dataset_for_the_run_and_its_readers(tmp_pat
         RunDataArguments(
             split_file=str(tmp_path / "split.json"), **{**options, "test_file": None}
         ).load_frames()
+
+
+# ------------------------------------------------------------------------- the run's record (issue #11, 10)
+
+
+def _own_data(tmp_path):
+    """A user's file with column names nobody would guess, and salts the run standardises."""
+    smiles = SMILES[:18] + ["CC[NH3+].[Cl-]", "[Na+].[O-]C(=O)c1ccccc1"]
+    frame = pd.DataFrame({"structure": smiles, "pIC50": [0.1 * i for i in range(len(smiles))]})
+    path = tmp_path / "own.csv"
+    frame.to_csv(path, index=False)
+    options = {
+        "train_file": str(path),
+        "smiles_column": "structure",
+        "label_column": "pIC50",
+        "standardize": "fragment_neutral",
+    }
+    data = prepare_data(RegressionDataArguments(**options, split_seed=3))
+    save_split(
+        tmp_path / "split.json",
+        data.dataset,
+        data.split,
+        dataset_source=data.source,
+        columns=data.columns,
+        data=data.record,
+    )
+    return path, data
+
+
+def test_split_json_records_the_data_files_columns_and_standardisation(tmp_path):
+    path, data = _own_data(tmp_path)
+    record = read_json(tmp_path / "split.json")
+    assert record["columns"] == {"smiles_column": "structure", "label_column": "pIC50"}
+    assert record["standardize"] == "fragment_neutral"
+    assert record["data"]["train_file"] == str(path.resolve()) and record["data"]["dataset_name"] is None
+    assert record["data"]["file_sha256"] == {"train_file": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert data.label_name == "pIC50"
+    assert "CCN" in data.dataset["canonical_smiles"].tolist()  # the salt, standardised
+    # run_config.json's data section holds the columns used, not the flags (which may be None)
+    guessed_file = tmp_path / "guessed.csv"
+    pd.read_csv(path).rename(columns={"structure": "SMILES", "pIC50": "Label"}).to_csv(
+        guessed_file, index=False
+    )
+    guessed = prepare_data(RegressionDataArguments(train_file=str(guessed_file)))
+    resolved = guessed.resolved_options(RegressionDataArguments(train_file=str(guessed_file)))
+    assert (resolved["smiles_column"], resolved["label_column"], resolved["standardize"]) == (
+        "SMILES",
+        "Label",
+        None,
+    )
+
+
+def test_a_finished_run_is_enough_to_rebuild_its_data(tmp_path):
+    path, data = _own_data(tmp_path)
+    args = RunDataArguments(split_file=str(tmp_path / "split.json"))
+    frames = args.load_frames()
+    assert (args.train_file, args.smiles_column, args.label_column) == (
+        str(path.resolve()),
+        "structure",
+        "pIC50",
+    )
+    assert (
+        args.standardize == "fragment_neutral" and args.dataset_name is None and args.strict_smiles is False
+    )
+    for name, frame in frames.items():
+        assert frame["canonical_smiles"].tolist() == data.frames[name]["canonical_smiles"].tolist()
+    # a flag still overrides: another file is another dataset
+    other = tmp_path / "other.csv"
+    pd.read_csv(path).iloc[::-1].to_csv(other, index=False)
+    with pytest.raises(ValueError, match="different dataset"):
+        RunDataArguments(split_file=str(tmp_path / "split.json"), train_file=str(other)).load_frames()
+    with pytest.raises(
+        ValueError, match="was made with standardize='fragment_neutral', this data with 'tautomer'"
+    ):
+        RunDataArguments(split_file=str(tmp_path / "split.json"), standardize="tautomer").load_frames()
+    with pytest.raises(ValueError, match="was made with standardize='fragment_neutral', this data with None"):
+        RunDataArguments(split_file=str(tmp_path / "split.json"), standardize="none").load_frames()
+
+
+def test_a_recorded_file_that_changed_or_moved_is_an_error_naming_it(tmp_path):
+    path, _ = _own_data(tmp_path)
+    split_file = str(tmp_path / "split.json")
+    path.write_text(path.read_text() + "CCCCCC,9.9\n")  # one more row: the split would index other rows
+    with pytest.raises(
+        ValueError, match=rf"The run's train_file {path.resolve()} has changed since the run read it"
+    ):
+        RunDataArguments(split_file=split_file).load_frames()
+    path.unlink()
+    with pytest.raises(
+        FileNotFoundError, match=rf"The run's train_file {path.resolve()} \(recorded in .*split.json\)"
+    ):
+        RunDataArguments(split_file=split_file).load_frames()
+
+
+def test_older_runs_fill_from_run_config(tmp_path):
+    """A split.json written before it recorded its data: run_config.json beside it has the flags."""
+    path, _ = _own_data(tmp_path)
+    record = read_json(tmp_path / "split.json")
+    del record["data"]
+    (tmp_path / "split.json").write_text(json.dumps(record))
+    flags = {"dataset_name": "lipophilicity", "train_file": str(path), "smiles_column": "structure"}
+    flags |= {"label_column": "pIC50", "standardize": "fragment_neutral", "strict_smiles": False}
+    (tmp_path / "run_config.json").write_text(json.dumps({"data": flags}))
+    args = RunDataArguments(split_file=str(tmp_path / "split.json"))
+    assert len(args.load_frames()["train"]) == 16
+    assert args.dataset_name is None and args.train_file == str(path)  # files win over dataset_name
+
+
+def test_standardize_is_checked_and_reaches_the_extra_molecules(tmp_path):
+    with pytest.raises(ValueError, match=r"standardize must be one of \['fragment_neutral', 'tautomer'\]"):
+        RegressionDataArguments(standardize="salts")
+    assert RegressionDataArguments(standardize="none").standardize is None
+    with pytest.raises(ValueError, match="got 'salt'"):
+        RunDataArguments(standardize="salt")
+    path, _ = _own_data(tmp_path)
+    extra = tmp_path / "extra.csv"
+    pd.DataFrame({"smiles": ["CCCC[NH3+].[Br-]"], "label": [1.0]}).to_csv(extra, index=False)
+    data = prepare_data(
+        RegressionDataArguments(
+            train_file=str(path),
+            smiles_column="structure",
+            label_column="pIC50",
+            standardize="fragment_neutral",
+            split_seed=3,
+            extra_train_file=str(extra),
+        )
+    )
+    assert data.extra["canonical_smiles"].tolist() == ["CCCCN"]
+    assert data.frames["train"]["canonical_smiles"].iloc[-1] == "CCCCN"
+
+
+def test_label_name_of_lipophilicity_is_logd():
+    data = PreparedData(
+        pd.DataFrame(),
+        None,
+        {},
+        "lipophilicity",
+        record={"dataset_name": "lipophilicity"},
+        columns={"label_column": "exp"},
+    )
+    assert data.label_name == "logD"
+
+
+def test_a_reader_without_record_or_options_reads_lipophilicity(run_files, tmp_path):
+    """No record and no source given: the default dataset (whose split this is not: the check says so)."""
+    _, split_file, _, _ = run_files
+    args = RunDataArguments(split_file=str(split_file))
+    with pytest.raises(ValueError, match="different dataset"):
+        args.load_frames()
+    assert args.dataset_name == "lipophilicity" and args.strict_smiles is False

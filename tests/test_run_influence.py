@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 import yaml
-from helpers import head_copy, single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
+from helpers import TINY_CONFIG, pool_rows_in_split, run_and_pool_files, single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
 
 import run_influence
 from configuration_molformer import MolformerConfig
@@ -38,7 +38,6 @@ from molft.io import read_json
 from molft.selection import check_scores_match_pool, load_pool
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "molformer-tiny.json"
 N_DATASET, N_POOL = 150, 30
 N_TRAIN, N_QUERY = 120, 15  # run_regression.py's 80/10/10 split of 150 molecules
 HEAD_PARAMS = 2 * 32 * 32 + 2 * 32 + 33  # classifier.dense, .dense2 (32x32 + bias) and .out_proj (32 + 1)
@@ -65,16 +64,19 @@ class Runs(NamedTuple):
     train_file: Path
     pool_file: Path
     tmp: Path
+    heldout: list[int]  # pool rows whose molecule is in the run's validation/test split
+    scored: list[int]  # the other pool rows: the ones scored by default
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir) -> Runs:
     tmp = tmp_path_factory.mktemp("influence")
-    train_file = head_copy(data_dir / "lipophilicity.csv", tmp / "lipophilicity_150.csv", N_DATASET)
-    pool_file = head_copy(data_dir / "external_300.csv", tmp / "pool.csv", N_POOL)
+    train_file, pool_file = run_and_pool_files(data_dir, tmp, N_DATASET, N_POOL)
     full = train_tiny_regression(train_file, tmp / "full")
     lora = train_tiny_regression(train_file, tmp / "lora", "--peft", "lora", "--save_strategy", "no")
-    return Runs(full, lora, train_file, pool_file, tmp)
+    heldout = pool_rows_in_split(pool_file, full)
+    scored = [i for i in range(N_POOL) if i not in heldout]
+    return Runs(full, lora, train_file, pool_file, tmp, heldout, scored)
 
 
 def influence(runs: Runs, output_dir: Path, *options: str | Path, model: Path | None = None) -> dict:
@@ -111,15 +113,18 @@ def head_runs(runs) -> dict[str, tuple[pd.DataFrame, dict, Path]]:
 def test_every_estimator_writes_finite_ranked_scores(head_runs, runs, estimator):
     scores, summary, output_dir = head_runs[estimator]
     assert list(scores.columns) == COLUMNS
-    assert scores["index"].tolist() == list(range(N_POOL))
+    # pool molecules in the run's validation/test split are left out (issue #13): the others, by pool id
+    assert scores["index"].tolist() == runs.scored and len(runs.heldout) >= 1
     assert np.isfinite(scores["score"]).all() and scores["score"].std() > 0
     # rank 1 = most negative = most helpful; helpful <=> negative
-    assert sorted(scores["rank"]) == list(range(1, N_POOL + 1))
+    assert sorted(scores["rank"]) == list(range(1, len(runs.scored) + 1))
     assert scores.loc[scores["rank"] == 1, "score"].item() == scores["score"].min()
     assert (scores["helpful"] == (scores["score"] < 0)).all()
     assert set(scores["direction"]) == {DIRECTION}
-    # the file is what run_selection.py --strategy influence accepts for this pool
-    np.testing.assert_array_equal(check_scores_match_pool(scores, load_pool(runs.pool_file)), scores["score"])
+    # the file is what run_selection.py --strategy influence accepts for this pool (matched by pool id)
+    matched = check_scores_match_pool(scores, load_pool(runs.pool_file))
+    np.testing.assert_array_equal(matched[runs.scored], scores["score"])
+    assert np.isnan(matched[runs.heldout]).all()
     assert summary["estimator"] == estimator
     assert summary["scope"]["name"] == "head" and summary["scope"]["num_params"] == HEAD_PARAMS
     assert summary["query"] == {"split": "validation", "size": N_QUERY, "per_query": False}
@@ -158,8 +163,8 @@ def test_summary_statistics_and_provenance(head_runs, runs):
     )
     thresholds = stats["selection_thresholds"]
     assert thresholds["top_10"]["threshold"] == pytest.approx(np.sort(values)[9])
-    assert thresholds["top_30"]["threshold"] == pytest.approx(values.max())
-    assert "top_50" not in thresholds  # more than the pool
+    assert len(values) == len(runs.scored) < 30
+    assert "top_30" not in thresholds and "top_50" not in thresholds  # more than the scored pool
     assert thresholds["helpful"]["n_selected"] == int((values < 0).sum())
     assert thresholds["percentile_10"]["threshold"] == pytest.approx(np.percentile(values, 10))
     assert summary["external_file"]["sha256"] == hashlib.sha256(runs.pool_file.read_bytes()).hexdigest()
@@ -182,7 +187,7 @@ def test_per_query_matrix_averages_to_the_scores(head_runs, runs):
     output_dir = runs.tmp / "per_query"
     influence(runs, output_dir, "--estimator", "exact", "--per_query")
     matrix = np.load(output_dir / INFLUENCE_MATRIX_FILE)
-    assert matrix.shape == (N_QUERY, N_POOL)
+    assert matrix.shape == (N_QUERY, len(runs.scored))
     np.testing.assert_allclose(matrix.mean(axis=0), read_scores(output_dir)["score"], rtol=1e-10)
     np.testing.assert_allclose(matrix.mean(axis=0), head_runs["exact"][0]["score"], rtol=1e-6)
     queries = pd.read_csv(output_dir / INFLUENCE_QUERIES_FILE)
@@ -386,3 +391,115 @@ def test_missing_split_and_finished_output_are_errors(runs, head_runs):
         influence(runs, runs.tmp / "no_split", model=bare)
     with pytest.raises(ValueError, match="overwrite_output_dir"):
         influence(runs, head_runs["cg"][2])
+
+
+# ------------------------------------------------------------------- held-out, invalid and recorded data
+
+
+def test_heldout_molecules_are_left_out_by_default_and_kept_unranked_on_request(head_runs, runs):
+    default = head_runs["gradient_dot"][1]["external_file"]
+    assert default["heldout_overlap"] == {
+        "train": 0, "validation": 0, "test": len(runs.heldout), "left_out": len(runs.heldout), "kept_unranked": 0,
+    }  # fmt: skip
+    assert (default["n_rows"], default["n_invalid_skipped"], default["n_scored"]) == (
+        N_POOL,
+        0,
+        len(runs.scored),
+    )
+    output_dir = runs.tmp / "kept"
+    summary = influence(runs, output_dir, "--estimator", "gradient_dot", "--keep_heldout_overlap", "true")
+    scores = read_scores(output_dir)
+    assert scores["index"].tolist() == list(range(N_POOL))
+    heldout = scores[scores["index"].isin(runs.heldout)]
+    assert set(heldout["in_run_split"]) == {"test"}
+    assert heldout["rank"].isna().all() and heldout["helpful"].isna().all()  # marked, unranked
+    ranked = scores[scores["rank"].notna()]
+    assert ranked["index"].tolist() == runs.scored
+    assert sorted(ranked["rank"].astype(int)) == list(range(1, len(runs.scored) + 1))
+    assert set(scores.nsmallest(len(runs.scored), "rank")["index"]) == set(
+        runs.scored
+    )  # a top-k never picks them
+    # scoring more molecules changes none of the others' scores (gradient_dot scores each on its own)
+    default_scores = head_runs["gradient_dot"][0]
+    np.testing.assert_allclose(ranked["score"], default_scores["score"], rtol=1e-10)
+    assert summary["external_file"]["heldout_overlap"]["kept_unranked"] == len(runs.heldout)
+    assert summary["score_statistics"]["n"] == len(runs.scored)
+
+
+def test_pool_with_invalid_smiles_is_scored_and_selected_by_pool_id(head_runs, runs):
+    """One invalid SMILES no longer stops a pool; scores and selection still name the same molecules."""
+    import run_selection
+
+    pool = pd.read_csv(runs.pool_file)
+    pool.loc[3, "SMILES"] = "C1CC(not a molecule"
+    bad_pool = runs.tmp / "pool_with_invalid.csv"
+    pool.to_csv(bad_pool, index=False)
+    output_dir = runs.tmp / "invalid_pool"
+    common = ["--model_name_or_path", runs.full, "--external_file", bad_pool, *QUIET]
+    summary = run_influence.main(
+        [str(a) for a in [*common, "--output_dir", output_dir, "--estimator", "gradient_dot"]]
+    )
+    scores = read_scores(output_dir)
+    expected_ids = [i for i in runs.scored if i != 3]
+    assert scores["index"].tolist() == expected_ids
+    assert summary["external_file"]["n_invalid_skipped"] == 1 and summary["external_file"]["n_rows"] == N_POOL
+    clean = head_runs["gradient_dot"][0].set_index("index")["score"]  # the same pool without the bad row
+    np.testing.assert_allclose(scores.set_index("index")["score"], clean.loc[expected_ids], rtol=1e-10)
+
+    selection_dir = runs.tmp / "invalid_pool_selection"
+    manifest = run_selection.main(
+        [
+            str(a)
+            for a in [*common, "--output_dir", selection_dir, "--strategy", "influence", "--k", "5",
+                      "--scores_file", output_dir / INFLUENCE_SCORES_FILE, "--no_shift_diagnostics"]
+        ]
+    )  # fmt: skip
+    selected = pd.read_csv(selection_dir / "selected.csv")
+    top5 = scores.nsmallest(5, "score")
+    assert selected["index"].tolist() == manifest["indices"] == top5["index"].tolist()
+    assert selected["smiles"].tolist() == top5["canonical_smiles"].tolist()
+    np.testing.assert_allclose(selected["label"], pool["Label"].iloc[selected["index"]])
+    with pytest.raises(ValueError, match=r"row 3: 'C1CC\(not a molecule'"):
+        run_influence.main(
+            [
+                str(a)
+                for a in [*common, "--output_dir", runs.tmp / "strict", "--external_strict_smiles", "true"]
+            ]
+        )
+
+
+def test_the_run_records_its_data_and_a_finished_run_is_enough(head_runs, runs):
+    """No --train_file: the data options come from the run's split.json; a changed file is an error."""
+    split = read_json(runs.full / SPLIT_FILE)
+    assert split["columns"] == {"smiles_column": "smiles", "label_column": "exp"}  # found, not given
+    assert split["data"]["train_file"] == str(runs.train_file.resolve()) and split["standardize"] is None
+    digest = hashlib.sha256(runs.train_file.read_bytes()).hexdigest()
+    assert split["data"]["file_sha256"] == {"train_file": digest}
+    run_config = read_json(runs.full / "run_config.json")["data"]
+    assert (run_config["smiles_column"], run_config["label_column"], run_config["standardize"]) == (
+        "smiles",
+        "exp",
+        None,
+    )
+
+    output_dir = runs.tmp / "from_the_record"
+    args = ["--model_name_or_path", runs.full, "--external_file", runs.pool_file, "--output_dir", output_dir]
+    summary = run_influence.main([str(a) for a in [*args, "--estimator", "gradient_dot", *QUIET]])
+    recorded = summary["arguments"]["RunDataArguments"]
+    assert recorded["train_file"] == str(runs.train_file.resolve()) and recorded["label_column"] == "exp"
+    np.testing.assert_array_equal(read_scores(output_dir)["score"], head_runs["gradient_dot"][0]["score"])
+
+    moved = runs.tmp / "moved_run"
+    shutil.copytree(runs.full, moved, ignore=shutil.ignore_patterns("checkpoint-*"))
+    data_copy = runs.tmp / "data_copy.csv"
+    shutil.copy(runs.train_file, data_copy)
+    split["data"]["train_file"] = str(data_copy)
+    (moved / SPLIT_FILE).write_text(json.dumps(split))
+    data_copy.write_text(data_copy.read_text().replace("3.54", "3.55", 1))  # one label edited since
+    with pytest.raises(
+        ValueError, match=f"The run's train_file {data_copy} has changed since the run read it"
+    ):
+        run_influence.main(
+            [str(a) for a in ["--model_name_or_path", moved, "--external_file", runs.pool_file,
+                              "--output_dir", runs.tmp / "changed", *QUIET]]
+        )  # fmt: skip

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import sys
 from pathlib import Path
 from unittest.mock import patch
 
-import pandas as pd
 import pytest
 import torch
+from helpers import TINY_CONFIG, launch_two_processes, single_thread, write_smiles  # noqa: F401  (autouse fixture)
+from huggingface_hub import constants
 from transformers import AutoModelForMaskedLM
 
 import modeling_molformer  # noqa: F401  (registers MoLFormer with the Auto classes)
@@ -20,12 +23,11 @@ from molft.chem import canonical_smiles
 from molft.data import dataset_fingerprint, load_raw_dataset, prepare_molecules
 from molft.files import DONE_MARKER, MLM_DATA_SUMMARY_FILE, MLM_LOSS_CURVE_FILE
 from molft.io import read_json
+from molft.preflight import PreflightError
 from molft.splits import make_split, read_split_smiles, save_split
 from tokenization_molformer import MolformerTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "pretrain_chembl30_zinc_120k.csv"
-TINY_CONFIG = ROOT / "configs" / "molformer-tiny.json"
 
 FAST_TRAINING = [
     "--report_to", "none",
@@ -40,57 +42,39 @@ FAST_TRAINING = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def corpus_smiles() -> list[str]:
-    if not CORPUS.is_file():
-        pytest.skip(f"pretraining corpus not found at {CORPUS}")
-    return pd.read_csv(CORPUS, nrows=400)["smiles"].tolist()
-
-
-def write_smiles(path: Path, smiles: list[str], column: str = "smiles") -> Path:
-    pd.DataFrame({column: smiles}).to_csv(path, index=False)
-    return path
-
-
 def run_main(*args: str | Path) -> dict[str, float]:
     with patch.object(sys, "argv", ["run_mlm.py", *map(str, args)]):
         return run_mlm.main()
 
 
 @pytest.fixture(scope="module")
-def scratch_run(tmp_path_factory, corpus_smiles) -> tuple[Path, dict[str, float]]:
+def scratch_run(tmp_path_factory, corpus_smiles) -> tuple[Path, dict[str, float], str]:
+    """A run from scratch with early stopping; returns its folder, metrics and what it printed."""
     tmp = tmp_path_factory.mktemp("scratch")
     train_file = write_smiles(tmp / "train.csv", corpus_smiles[:200])
     output_dir = tmp / "out"
-    metrics = run_main(
-        *FAST_TRAINING,
-        "--config_name", TINY_CONFIG,
-        "--train_file", train_file,
-        "--validation_split_percentage", "20",
-        "--output_dir", output_dir,
-        "--do_train", "--do_eval",
-        "--eval_strategy", "epoch",
-        "--save_strategy", "epoch",
-        "--save_total_limit", "1",
-        "--load_best_model_at_end", "true",
-        "--early_stopping_patience", "3",
-        "--num_train_epochs", "6",
-        "--learning_rate", "3e-3",
-    )  # fmt: skip
-    return output_dir, metrics
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):  # the script logs to stdout, at INFO by default
+        metrics = run_main(
+            *FAST_TRAINING,
+            "--config_name", TINY_CONFIG,
+            "--train_file", train_file,
+            "--validation_split_percentage", "20",
+            "--output_dir", output_dir,
+            "--do_train", "--do_eval",
+            "--eval_strategy", "epoch",
+            "--save_strategy", "epoch",
+            "--save_total_limit", "1",
+            "--load_best_model_at_end", "true",
+            "--early_stopping_patience", "3",
+            "--num_train_epochs", "6",
+            "--learning_rate", "3e-3",
+        )  # fmt: skip
+    return output_dir, metrics, console.getvalue()
 
 
 def test_from_scratch_lowers_eval_loss_and_writes_a_checkpoint(scratch_run):
-    output_dir, metrics = scratch_run
+    output_dir, metrics, _ = scratch_run
     tokenizer = MolformerTokenizer.from_pretrained(output_dir)
     # an untrained model predicts close to uniformly over the vocabulary
     assert metrics["eval_initial_loss"] == pytest.approx(math.log(len(tokenizer)), abs=0.3)
@@ -107,7 +91,7 @@ def test_from_scratch_lowers_eval_loss_and_writes_a_checkpoint(scratch_run):
 
 
 def test_best_epoch_is_kept_and_evaluation_masks_are_fixed(scratch_run):
-    output_dir, metrics = scratch_run
+    output_dir, metrics, _ = scratch_run
     state = read_json(output_dir / "trainer_state.json")
     epoch_losses = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
     assert len(epoch_losses) == 6  # one per epoch (the state is saved before the final evaluation)
@@ -117,7 +101,7 @@ def test_best_epoch_is_kept_and_evaluation_masks_are_fixed(scratch_run):
 
 
 def test_output_loads_as_regression_model_with_only_a_new_head(scratch_run):
-    output_dir, _ = scratch_run
+    output_dir, _, _ = scratch_run
     model, info = modeling_molformer_reg.MolformerForRegression.from_pretrained(
         output_dir, output_loading_info=True
     )
@@ -126,6 +110,33 @@ def test_output_loads_as_regression_model_with_only_a_new_head(scratch_run):
     mlm = AutoModelForMaskedLM.from_pretrained(output_dir)
     for name, tensor in mlm.molformer.state_dict().items():
         torch.testing.assert_close(model.molformer.state_dict()[name], tensor)
+
+
+def test_console_and_result_files_follow_the_examples(scratch_run):
+    output_dir, metrics, console = scratch_run
+    for message in (
+        "New model from",
+        "Best model restored: checkpoint-",
+        f"Outputs are in {output_dir.resolve()}",
+    ):
+        assert message in console, message
+    for split in ("train", "eval"):
+        saved = read_json(output_dir / f"{split}_results.json")
+        assert saved[f"{split}_loss"] == metrics[f"{split}_loss"], split
+    assert read_json(output_dir / "all_results.json")["eval_loss"] == metrics["eval_loss"]
+
+
+def test_offline_default_model_fails_fast_and_names_the_offline_route(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    train_file = write_smiles(tmp_path / "train.csv", ["CCO", "CCN"])
+    with pytest.raises(PreflightError) as err:
+        run_main(
+            "--train_file", train_file, "--output_dir", tmp_path / "out", "--do_train",
+            "--cache_dir", tmp_path / "empty_cache",
+        )  # fmt: skip
+    assert "'ibm/MoLFormer-XL-both-10pct'" in str(err.value)  # the default model, unless --config_name
+    assert "python run_mlm.py configs/mlm_pretrain_small.yaml" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv"]
 
 
 def test_heldout_molecules_are_removed_and_logged(corpus_smiles, tmp_path, capsys):
@@ -251,8 +262,41 @@ def test_interrupted_run_resumes_and_finished_run_is_protected(tmp_path, corpus_
     capsys.readouterr()
     run_main(*args, "--max_steps", "4")  # logs at info level by default (log_level passive)
     assert any(
-        "resuming training at" in line and "checkpoint-2" in line
+        "Resuming from" in line and "checkpoint-2" in line  # the regression script's words, since #13
         for line in capsys.readouterr().out.splitlines()
     )
     assert read_json(output_dir / "trainer_state.json")["global_step"] == 4
     assert (output_dir / DONE_MARKER).is_file()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_processes(tmp_path, corpus_smiles):
+    """DDP on the CPU (torchrun over gloo): both ranks train, rank 0 alone writes, and the losses keep their
+    scale: the Trainer multiplies a loss by the number of processes when the model takes `num_items_in_batch`,
+    which doubled every loss while the model ignored it."""
+    train_file = write_smiles(tmp_path / "train.csv", corpus_smiles[:200])  # 160 train, 40 validation
+    out = tmp_path / "ddp"
+    data = [*FAST_TRAINING, "--train_file", train_file, "--validation_split_percentage", "20"]
+    done = launch_two_processes(
+        "run_mlm.py",
+        *data, "--config_name", TINY_CONFIG, "--output_dir", out, "--do_train", "--do_eval",
+        "--max_steps", "4", "--per_device_eval_batch_size", "1", "--log_level", "info", "--log_level_replica", "info",
+    )  # fmt: skip
+    results = read_json(out / "all_results.json")
+    assert results["train_samples"] == 160 and results["eval_samples"] == 40
+    assert read_json(out / "trainer_state.json")["global_step"] == 4
+    assert (out / DONE_MARKER).is_file() and not list(out.rglob("*.tmp"))
+    log = done.stdout + done.stderr
+    # the same vocabulary on both ranks
+    assert log.count("Vocabulary of 38 tokens built from 160 training molecules") == 2
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 32" in log  # 2 x 16
+    assert log.count("Saving model checkpoint to") == 1 and log.count(MLM_LOSS_CURVE_FILE) == 1
+    # four steps leave the loss near that of uniform guessing over 38 tokens, not twice it
+    assert abs(results["train_loss"] - math.log(38)) < 0.5
+    # one process, batches of 2, sees the molecule pairs the two processes saw in each evaluation step
+    single = run_main(
+        *data, "--per_device_eval_batch_size", "2", "--model_name_or_path", out, "--output_dir", tmp_path / "eval",
+        "--do_eval",
+    )  # fmt: skip
+    # (padding a lone molecule to its pair's length changes only rounding)
+    assert single["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-4)

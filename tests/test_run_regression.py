@@ -7,13 +7,16 @@ from the training SMILES) and the first 160 Lipophilicity molecules; the tests t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +28,14 @@ import pytest
 import torch
 import transformers
 import yaml
-from helpers import TINY_CONFIG, model_predictions
+from helpers import TINY_CONFIG, launch_two_processes, model_predictions
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import molft.regression
+import run_regression
 from modeling_molformer_reg import MolformerForRegression
-from molft import cli
+from molft import cli, preflight
 from molft.chem import canonical_smiles, murcko_scaffold
 from molft.data import prepare_molecules
 from molft.io import read_json
@@ -434,6 +439,7 @@ def test_push_to_hub_uploads_the_regression_card(data_csv, workdir, monkeypatch)
             return types.SimpleNamespace(done=lambda: True)
 
     monkeypatch.setattr(transformers.trainer, "hf_api", FakeHub)
+    monkeypatch.setattr(preflight, "hub_reachable", lambda timeout=3.0: True)  # the pre-run check asks too
     out = workdir / "pushed"
     start(data_csv, out, "--push_to_hub", "--hub_model_id", "molft-test", "--max_steps", 2,
           "--early_stopping_patience", 0)  # fmt: skip
@@ -584,6 +590,7 @@ def test_split_json_of_other_data_is_an_error(full_run, lipophilicity, workdir):
         (["--target_scaling", "log"], ValueError, "--target_scaling must be one of"),
         (["--hp_search", "optuna", "--n_trials", "0"], ValueError, "--n_trials must be at least 1"),
         (["--hp_search", "optuna", "--do_train", "false"], ValueError, "add --do_train"),
+        (["--max_eval_samples", "0"], ValueError, "--max_eval_samples must be at least 1"),
     ],
 )
 def test_bad_options_fail_before_any_work(extra, error, message, data_csv, workdir):
@@ -798,6 +805,122 @@ def test_hp_search_best_config_reruns(hp_search_run, workdir):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What the console says, the result files users expect, failing fast
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def console_run(data_csv, workdir) -> Run:
+    """A run with the script's own logging set-up (INFO on the main process), its console output kept,
+    evaluation and test sets capped, and the thread choice recorded."""
+    out, console, threads = workdir / "console", io.StringIO(), []
+
+    def spy_threads(n_parameters: int, on_cpu: bool):
+        threads.append({"n_parameters": n_parameters, "on_cpu": on_cpu})
+        return real_choice(n_parameters, on_cpu)
+
+    real_choice = run_regression.choose_cpu_threads
+    args = tiny_args(data_csv, out, "--max_eval_samples", 8, "--max_predict_samples", 4)
+    root = logging.getLogger()
+    previous = root.level, list(root.handlers), transformers.utils.logging.get_verbosity()
+    previous_datasets = datasets.utils.logging.get_verbosity()
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(console):
+            patch.setattr(sys, "argv", ["run_regression.py", *map(str, args)])
+            patch.setattr(run_regression, "choose_cpu_threads", spy_threads)
+            main()
+    finally:  # the script's logging set-up replaced the root handlers and raised the library levels
+        root.handlers[:] = previous[1]
+        root.setLevel(previous[0])
+        transformers.utils.logging.set_verbosity(previous[2])
+        datasets.utils.logging.set_verbosity(previous_datasets)
+    return Run(out, console.getvalue(), [str(a) for a in args], {"threads": threads})
+
+
+def test_console_says_what_happened_at_info_by_default(console_run):
+    log = console_run.log
+    results = console_run.results()
+    expected = [
+        f"Trainable parameters (none): {results['total_params']:,} of {results['total_params']:,} (100.0000%)",
+        "SMILES column 'smiles', label column 'exp'",
+        "160 valid molecules (0 invalid SMILES dropped)",
+        "Using the first 8 of the 16 validation molecules.",
+        "Using the first 4 of the 16 test molecules.",
+        "Best model restored: checkpoint-",
+        f"Outputs are in {console_run.path.resolve()}: metrics in all_results.json",
+    ]
+    for message in expected:
+        assert message in log, message
+    assert " - INFO - run_regression - " in log  # the examples' format, on stdout
+
+
+def test_trainer_result_files_sit_beside_all_results(console_run):
+    results = console_run.results()
+    for split, key in (("train", "train_loss"), ("eval", "eval_rmse"), ("test", "test_rmse")):
+        assert read_json(console_run.path / f"{split}_results.json")[key] == results[key], split
+
+
+def test_eval_and_predict_caps_keep_the_first_molecules(console_run):
+    predictions = console_run.predictions()
+    assert predictions["split"].value_counts().to_dict() == {"train": 128, "validation": 8, "test": 4}
+    split = read_json(console_run.path / "split.json")  # the split itself is the full one
+    assert len(split["indices"]["validation"]) == 16 and len(split["indices"]["test"]) == 16
+
+
+def test_threads_are_chosen_for_the_model_on_the_cpu(console_run):
+    assert console_run.captured["threads"] == [
+        {"n_parameters": console_run.results()["total_params"], "on_cpu": True}
+    ]
+
+
+def test_offline_run_fails_in_seconds_with_one_message_and_no_files(tmp_path, tmp_path_factory):
+    """The README's first command with the default model, offline: one line that says what to do, nothing written."""
+    cache = tmp_path_factory.mktemp(
+        "empty_hf_cache"
+    )  # the model is not in it, whatever this machine has cached
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_regression.py"), "--peft", "lora", "--output_dir", str(tmp_path / "x")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    wall = time.perf_counter() - started
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert wall < 30
+    output = done.stdout + done.stderr
+    assert "ibm/MoLFormer-XL-both-10pct" in output and "configs/regression_small.yaml" in output
+    assert "Traceback" not in output
+    assert done.stderr.startswith("run_regression.py: error: Cannot start this run:")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no output_dir, no split.json, nothing in the working directory
+
+
+def test_missing_report_backend_fails_before_any_work(data_csv, workdir, monkeypatch):
+    monkeypatch.setitem(preflight.REPORT_BACKENDS, "tensorboard", ("no_such_module_for_molft_tests",))
+    started = time.perf_counter()
+    with pytest.raises(
+        preflight.PreflightError,
+        match=r"--report_to tensorboard: not installed \(pip install '\.\[tracking\]'",
+    ):
+        start(data_csv, workdir / "tensorboard", "--report_to", "tensorboard")
+    assert time.perf_counter() - started < 10
+    assert not (workdir / "tensorboard").exists()
+
+
+def test_help_opens_with_a_description_and_examples():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run_regression.py"), "--help"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "usage: run_regression.py [CONFIG_FILE] [--option VALUE ...]"
+    assert lines[2].startswith("Fine-tune MoLFormer for molecular property regression")
+    assert "    python run_regression.py configs/regression_small.yaml" in lines[:12]  # kept as written
+    assert "--max_eval_samples" in done.stdout and "--max_predict_samples" in done.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Distributed
 # ----------------------------------------------------------------------------------------------------------
 
@@ -805,17 +928,11 @@ def test_hp_search_best_config_reruns(hp_search_run, workdir):
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes(data_csv, tmp_path):
     out = tmp_path / "ddp"
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher needs mpirun for more);
-    # --multi_gpu starts two through torchrun, which with --use_cpu train on the CPU over gloo
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "run_regression.py"),
-        *map(str, tiny_args(data_csv, out, "--max_steps", 4, "--eval_strategy", "steps", "--eval_steps", 2,
-                            "--log_level", "info", "--log_level_replica", "info")),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = launch_two_processes(
+        "run_regression.py",
+        *tiny_args(data_csv, out, "--max_steps", 4, "--eval_strategy", "steps", "--eval_steps", 2,
+                   "--log_level", "info", "--log_level_replica", "info"),
+    )  # fmt: skip
     results = read_json(out / "all_results.json")
     assert np.isfinite(results["test_rmse"]) and results["train_samples"] == 128
     predictions = pd.read_csv(out / "predictions.csv")  # gathered once, no padding duplicates
@@ -830,3 +947,41 @@ def test_accelerate_launch_with_two_processes(data_csv, tmp_path):
     assert log.count("Trainable parameters (none)") == 2
     assert "Total train batch size (w. parallel, distributed & accumulation) = 32" in log  # 2 x 16
     assert log.count("parity_test.png") == 1 and log.count("loss_curves.png") == 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_processes_and_lora(data_csv, tmp_path):
+    """DDP with a PEFT adapter: both ranks train the same adapter, only rank 0 saves it (and the base)."""
+    out = tmp_path / "ddp_lora"
+    done = launch_two_processes(
+        "run_regression.py",
+        *tiny_args(data_csv, out, "--peft", "lora", "--max_steps", 4, "--eval_strategy", "steps",
+                   "--eval_steps", 2, "--log_level", "info", "--log_level_replica", "info"),
+    )  # fmt: skip
+    assert (out / "adapter_model.safetensors").is_file() and (out / "base_model" / "config.json").is_file()
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert predictions["split"].value_counts().to_dict() == {"train": 128, "validation": 16, "test": 16}
+    model, tokenizer = load_regression_checkpoint(out), AutoTokenizer.from_pretrained(out)
+    expected = model_predictions(model, tokenizer, predictions["canonical_smiles"].tolist())
+    # the adapter rank 0 saved is the one both ranks trained: it reproduces the gathered predictions
+    np.testing.assert_allclose(predictions["prediction"], expected, atol=1e-5)
+    log = done.stdout + done.stderr
+    assert log.count("Trainable parameters (lora)") == 2  # both ranks wrapped the model
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 32" in log
+    assert log.count("parity_test.png") == 1 and not list(out.rglob("*.tmp"))
+
+
+def test_torch_compile_option_trains_and_saves_the_plain_model(data_csv, workdir):
+    """--torch_compile (dynamo's eager backend here: the capture without code generation) over length-grouped
+    batches of changing shape; the checkpoint holds the model's own names and reproduces the predictions."""
+    run = start(
+        data_csv, workdir / "compiled", "--max_steps", 4, "--torch_compile", "true",
+        "--torch_compile_backend", "eager",
+    )  # fmt: skip
+    assert not any("_orig_mod" in name for name in load_file(run.path / "model.safetensors"))
+    predictions = run.predictions()
+    model = MolformerForRegression.from_pretrained(run.path)
+    tokenizer = AutoTokenizer.from_pretrained(run.path)
+    expected = model_predictions(model, tokenizer, predictions["canonical_smiles"].tolist())
+    np.testing.assert_allclose(predictions["prediction"], expected, atol=1e-5)
+    assert np.isfinite(run.results()["test_rmse"])

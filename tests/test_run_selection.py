@@ -11,7 +11,7 @@ from unittest.mock import patch
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import head_copy, single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
+from helpers import pool_rows_in_split, run_and_pool_files, single_thread, train_tiny_regression  # noqa: F401  (autouse fixture)
 from rdkit import DataStructs
 from transformers import AutoTokenizer
 
@@ -35,7 +35,6 @@ from molft.peft_setup import load_regression_checkpoint
 from molft.selection import available_strategies, load_pool, mc_dropout_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "molformer-tiny.json"
 EXAMPLE_CONFIG = ROOT / "configs" / "selection_example.yaml"
 N_DATASET, N_POOL, K = 150, 40, 5
 QUIET = ["--disable_tqdm", "true", "--log_level", "warning", "--device", "cpu"]
@@ -53,15 +52,11 @@ class TrainedRun(NamedTuple):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir) -> TrainedRun:
     tmp = tmp_path_factory.mktemp("selection")
-    train_file = head_copy(data_dir / "lipophilicity.csv", tmp / "lipophilicity_150.csv", N_DATASET)
-    pool_file = head_copy(data_dir / "external_300.csv", tmp / "pool.csv", N_POOL)
+    train_file, pool_file = run_and_pool_files(data_dir, tmp, N_DATASET, N_POOL)
     run_dir = train_tiny_model(train_file, tmp / "run")
-    split = read_json(run_dir / SPLIT_FILE)
-    heldout_smiles = set(split["smiles"]["validation"]) | set(split["smiles"]["test"])
-    pool = pd.read_csv(pool_file)
-    heldout = [i for i, smi in enumerate(pool["SMILES"]) if canonical_smiles(smi) in heldout_smiles]
+    heldout = pool_rows_in_split(pool_file, run_dir)
     candidates = np.setdiff1d(np.arange(N_POOL), heldout)
-    return TrainedRun(run_dir, train_file, pool_file, split, heldout, candidates)
+    return TrainedRun(run_dir, train_file, pool_file, read_json(run_dir / SPLIT_FILE), heldout, candidates)
 
 
 def train_tiny_model(train_file: Path, run_dir: Path, *extra: str) -> Path:
@@ -377,3 +372,37 @@ def test_help_explains_every_option(capsys):
         "--n_passes",
     ):
         assert option in help_text
+
+
+def test_a_run_on_its_own_standardised_file_needs_only_its_folder(trained, data_dir, tmp_path):
+    """The run's file, columns and --standardize come from its split.json; the pool is standardised like
+    the run's splits, so the salt form of a test molecule is recognised as held out."""
+    own = tmp_path / "own.csv"
+    pd.read_csv(trained.train_file).rename(columns={"smiles": "structure", "exp": "logd_74"}).to_csv(
+        own, index=False
+    )
+    run_dir = train_tiny_model(
+        own, tmp_path / "run", "--smiles_column", "structure", "--label_column", "logd_74",
+        "--standardize", "fragment_neutral", "--do_eval", "false",
+    )  # fmt: skip
+    split = read_json(run_dir / SPLIT_FILE)
+    assert split["standardize"] == "fragment_neutral"
+    assert split["columns"] == {"smiles_column": "structure", "label_column": "logd_74"}
+    test_molecule = split["smiles"]["test"][0]
+    others = [
+        smi
+        for smi in pd.read_csv(trained.pool_file)["SMILES"]
+        if canonical_smiles(smi) not in trained.split["smiles"]["test"]
+    ]
+    pool = tmp_path / "pool.csv"
+    pd.DataFrame({"SMILES": [f"{test_molecule}.Cl", *others[:5]], "Label": np.arange(6.0)}).to_csv(
+        pool, index=False
+    )
+    base = ["--model_name_or_path", run_dir, "--external_file", pool, *QUIET]
+    manifest = run_main([*base, "--output_dir", tmp_path / "out"], "--strategy all --no_shift_diagnostics")
+    assert manifest["heldout_overlap"]["test"] == [0] and manifest["indices"] == [1, 2, 3, 4, 5]
+    recorded = manifest["arguments"]["RunDataArguments"]
+    assert recorded["train_file"] == str(own.resolve()) and recorded["smiles_column"] == "structure"
+    assert recorded["standardize"] == "fragment_neutral" and recorded["dataset_name"] is None
+    with pytest.raises(ValueError, match="was made with standardize='fragment_neutral', this data with None"):
+        run_main([*base, "--output_dir", tmp_path / "plain"], "--strategy all --standardize none")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from itertools import combinations
 
 import numpy as np
@@ -194,15 +195,7 @@ def test_knn_shapley_picks_the_highest_values(pool):
 def test_value_strategies_avoid_a_mislabelled_molecule(pool):
     labels = pool.labels.copy()
     labels[7] += 20.0
-    noisy = SelectionPool(
-        smiles=pool.smiles,
-        labels=labels,
-        embeddings=pool.embeddings,
-        train_embeddings=pool.train_embeddings,
-        train_labels=pool.train_labels,
-        val_embeddings=pool.val_embeddings,
-        val_labels=pool.val_labels,
-    )
+    noisy = dataclasses.replace(pool, labels=labels)
     assert 7 not in select("knn_shapley", noisy, N_POOL - 1).indices
     top = select("ts_dshapley", noisy, N_POOL - 1, n_subsets=8, subset_size=10, n_permutations=3)
     assert 7 not in top.indices

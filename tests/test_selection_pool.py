@@ -10,9 +10,11 @@ from molft.selection import (
     ModelArrays,
     SelectionPool,
     candidate_positions,
+    check_candidate_scores,
     check_scores_match_pool,
     heldout_overlap,
     load_pool,
+    pool_ids,
     read_influence_scores,
     selection_pool,
 )
@@ -64,8 +66,62 @@ def test_load_pool_keeps_every_row_and_reports_bad_ones(tmp_path):
         load_pool(unlabelled)
     bad = tmp_path / "bad.csv"
     bad.write_text("SMILES,Label\nCCO,1.0\nC1CC,2.0\n")
-    with pytest.raises(ValueError, match="row 1: 'C1CC'"):  # an error, never a silently shifted index
-        load_pool(bad)
+    with pytest.raises(ValueError, match="row 1: 'C1CC'"):  # strict: an error naming the row
+        load_pool(bad, strict=True)
+
+
+def test_load_pool_skips_invalid_rows_with_a_count_and_keeps_file_rows_as_ids(tmp_path, caplog):
+    """Issue #13: one invalid SMILES no longer stops a pool; the others keep their row as pool id."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("SMILES,Label\nCCO,1.0\nC1CC,2.0\nCCN,3.0\nnot a smiles,4.0\nc1ccccc1,5.0\n")
+    with caplog.at_level("WARNING"):
+        frame = load_pool(bad)
+    assert frame["row"].tolist() == [0, 2, 4] and pool_ids(frame).tolist() == [0, 2, 4]
+    assert frame["canonical_smiles"].tolist() == ["CCO", "CCN", "c1ccccc1"]
+    assert frame["label"].tolist() == [1.0, 3.0, 5.0] and frame.attrs["n_rows"] == 5
+    assert "2 of 5 rows skipped (invalid SMILES)" in caplog.text and "row 1: 'C1CC'" in caplog.text
+    assert pool_ids(pd.DataFrame({"smiles": ["C", "CC"]})).tolist() == [0, 1]  # frames without `row`
+
+
+def test_load_pool_standardises_like_the_run(tmp_path):
+    salts = tmp_path / "salts.csv"
+    salts.write_text("SMILES,Label\nCC[NH3+].[Cl-],1.0\nCCO,2.0\n")
+    assert load_pool(salts)["canonical_smiles"].tolist() == ["CC[NH3+].[Cl-]", "CCO"]
+    neutral = load_pool(salts, standardize="fragment_neutral")
+    assert neutral["canonical_smiles"].tolist() == ["CCN", "CCO"] and neutral.attrs["standardize"]
+
+
+def test_load_pool_reraises_an_ambiguous_label_column(tmp_path):
+    """Only a missing label column is allowed without labels; two plausible ones stay an error."""
+    ambiguous = tmp_path / "ambiguous.csv"
+    ambiguous.write_text("smiles,y,target\nCCO,1.0,2.0\n")
+    with pytest.raises(ValueError, match=r"several plausible label columns: \['y', 'target'\]"):
+        load_pool(ambiguous, require_labels=False)
+    assert load_pool(ambiguous, label_column="y")["label"].tolist() == [1.0]
+
+
+def test_scores_are_matched_by_pool_id_and_candidates_need_one(tmp_path):
+    pool_file = tmp_path / "pool.csv"
+    pool_file.write_text("SMILES,Label\nCCO,1.0\nC1CC,2.0\nCCN,3.0\nc1ccccc1,4.0\n")
+    pool = load_pool(pool_file)  # ids 0, 2, 3
+    # what run_influence.py writes when pool id 3 sits in the run's test split: no row for it
+    scores_frame = pd.DataFrame({"index": [2, 0], "smiles": ["NCC", "OCC"], "score": [-2.0, 0.5]})
+    scores = check_scores_match_pool(scores_frame, pool)
+    np.testing.assert_array_equal(scores[:2], [0.5, -2.0])
+    assert np.isnan(scores[2])
+    check_candidate_scores(scores, pool, np.array([0, 1]), "scores.csv")  # id 3 is not a candidate
+    with pytest.raises(ValueError, match=r"no score for 1 candidate pool molecules \(pool ids \[3\]\)"):
+        check_candidate_scores(scores, pool, np.array([0, 1, 2]), "scores.csv")
+    wrong_id = scores_frame.assign(index=[1, 0])  # id 1 is the skipped invalid row
+    with pytest.raises(ValueError, match=r"names pool ids \[1\] that the pool does not hold"):
+        check_scores_match_pool(wrong_id, pool)
+    with pytest.raises(ValueError, match=r"repeats pool ids \[0\]"):
+        check_scores_match_pool(scores_frame.assign(index=[0, 0]), pool)
+    shifted = scores_frame.assign(smiles=["OCC", "NCC"])  # positions instead of ids: other molecules
+    with pytest.raises(
+        ValueError, match=r"does not match the pool at 2 of 2 pool ids \(2: 'CCO' vs pool 'CCN'"
+    ):
+        check_scores_match_pool(shifted, pool)
 
 
 def test_read_influence_scores_names_the_file(tmp_path):

@@ -1,18 +1,19 @@
-"""molft.trainer: the training defaults, predictions in dataset order, and where an interrupted run resumes."""
+"""molft.trainer: the training defaults and predictions in dataset order (where a run resumes: test_checkpoints.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from helpers import model_predictions, tiny_config
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from modeling_molformer_reg import MolformerForRegression
-from molft.files import DONE_MARKER
+from molft.io import read_json
 from molft.regression import tokenise
-from molft.trainer import RegressionTrainer, configure_training, detect_last_checkpoint
+from molft.trainer import RegressionTrainer, ResultsTrainer, configure_training, log_best_model
 from tokenization_molformer import MolformerTokenizer
 
 
@@ -57,25 +58,39 @@ def test_predictions_keep_dataset_order_and_loss_is_not_left_to_the_model(tmp_pa
     assert trainer.model_accepts_loss_kwargs is False
 
 
-def test_detect_last_checkpoint(tmp_path):
-    def detect(**kwargs):
-        return detect_last_checkpoint(tmp_path / "run", **{"do_train": True, "overwrite": False, **kwargs})
+def tiny_trainer(tmp_path) -> RegressionTrainer:
+    tokenizer = MolformerTokenizer.from_smiles(["CCO", "c1ccccc1"])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    return RegressionTrainer(model=MolformerForRegression(tiny_config(vocab_size=len(tokenizer))), args=args)
 
-    assert detect() is None  # no folder yet
-    (tmp_path / "run").mkdir()
-    assert detect() is None and detect(require_checkpoint=True) is None  # an empty folder is a fresh start
-    (tmp_path / "run" / "notes.txt").write_text("")
-    assert detect() is None
-    with pytest.raises(ValueError, match="holds no checkpoint to resume"):
-        detect(require_checkpoint=True)
-    for step in (2, 4):
-        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
-    assert detect() == str(tmp_path / "run" / "checkpoint-4")
-    assert detect(do_train=False) is None  # evaluation only never resumes
 
-    marker = tmp_path / "run" / DONE_MARKER
-    marker.write_text("{}")
-    with pytest.raises(ValueError, match="already holds a finished run"):
-        detect()
-    assert detect(overwrite=True, process_index=1) is None and marker.is_file()  # only rank 0 removes it
-    assert detect(overwrite=True) is None and not marker.exists()
+def test_results_files_are_the_trainer_conventions_written_atomically(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    assert isinstance(trainer, ResultsTrainer)
+    trainer.save_metrics("train", {"train_loss": 0.5}, combined=False)
+    assert read_json(tmp_path / "train_results.json") == {"train_loss": 0.5}
+    assert not (tmp_path / "all_results.json").exists()
+    trainer.save_metrics("eval", {"eval_rmse": 0.7})
+    trainer.save_metrics("test", {"test_rmse": 0.8})
+    assert read_json(tmp_path / "all_results.json") == {"eval_rmse": 0.7, "test_rmse": 0.8}
+    assert read_json(tmp_path / "test_results.json") == {"test_rmse": 0.8}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_restored_best_epoch_is_logged(tmp_path, caplog):
+    trainer = tiny_trainer(tmp_path)
+    trainer.args.load_best_model_at_end, trainer.args.metric_for_best_model = True, "rmse"
+    state = trainer.state
+    state.log_history = [
+        {"eval_rmse": rmse, "epoch": epoch, "step": 4 * epoch}
+        for epoch, rmse in ((1, 0.9), (2, 0.6), (3, 0.7))
+    ]
+    state.best_model_checkpoint = str(tmp_path / "checkpoint-8")
+    state.best_global_step, state.best_metric = 8, 0.6
+    with caplog.at_level(logging.INFO, logger="molft.trainer"):
+        log_best_model(trainer)
+    assert "Best model restored: checkpoint-8 (epoch 2, step 8, eval_rmse 0.6000)." in caplog.messages
+    caplog.clear()
+    trainer.args.load_best_model_at_end = False  # the last epoch's weights are kept: nothing to say
+    log_best_model(trainer)
+    assert not caplog.messages

@@ -43,6 +43,14 @@ ANALYSIS_NAME = "molft_influence"
 FACTORS_NAME = "factors"
 SCORES_NAME = "pairwise"
 _HOLDER_PREFIX = "model"
+# The precisions kronfluence lets a caller set when fitting factors and when scoring: all follow the problem's.
+_FACTOR_DTYPES = (
+    "activation_covariance_dtype",
+    "gradient_covariance_dtype",
+    "per_sample_gradient_dtype",
+    "lambda_dtype",
+)
+_SCORE_DTYPES = ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype")
 
 
 def gaussian_targets(predictions: torch.Tensor) -> torch.Tensor:
@@ -111,16 +119,12 @@ class EKFACEstimator(InfluenceEstimator):
             disable_tqdm=True,
             output_dir=output_dir,
         )
-        dtype = _kronfluence_dtype(problem.dtype)
         factor_args = FactorArguments(
             strategy=self.strategy,
             use_empirical_fisher=empirical,
             covariance_max_examples=None,
             lambda_max_examples=None,
-            activation_covariance_dtype=dtype,
-            gradient_covariance_dtype=dtype,
-            per_sample_gradient_dtype=dtype,
-            lambda_dtype=dtype,
+            **_precisions(problem.dtype, _FACTOR_DTYPES),
         )
         rng_devices = [problem.device] if problem.device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), _quiet_kronfluence():
@@ -163,13 +167,7 @@ class EKFACEstimator(InfluenceEstimator):
         if self._analyzer is None:
             raise RuntimeError("ekfac estimator must be fit() before use")
         start = time.perf_counter()
-        dtype = _kronfluence_dtype(problem.dtype)
-        score_args = ScoreArguments(
-            damping_factor=self.damping,
-            per_sample_gradient_dtype=dtype,
-            precondition_dtype=dtype,
-            score_dtype=dtype,
-        )
+        score_args = ScoreArguments(damping_factor=self.damping, **_precisions(problem.dtype, _SCORE_DTYPES))
         with _quiet_kronfluence():
             self._analyzer.compute_pairwise_scores(
                 scores_name=SCORES_NAME,
@@ -288,5 +286,6 @@ def _single_item(items: list[Batch]) -> Batch:
     return items[0]
 
 
-def _kronfluence_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _precisions(dtype: torch.dtype, fields: tuple[str, ...]) -> dict[str, torch.dtype]:
+    """Every kronfluence precision in `fields` at the problem's dtype (float64, else float32)."""
+    return dict.fromkeys(fields, torch.float64 if dtype == torch.float64 else torch.float32)

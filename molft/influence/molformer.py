@@ -104,11 +104,18 @@ def checkpoint_weight_names(path: Path) -> list[str]:
     raise ValueError(f"{path} has no model.safetensors weights.")
 
 
-def load_candidate_pool(pool_args: PoolArguments) -> pd.DataFrame:
-    """The external molecules through run_selection's loader, so score indices are pool positions."""
+def load_candidate_pool(pool_args: PoolArguments, standardize: str | None = None) -> pd.DataFrame:
+    """The external molecules through run_selection's loader, so scores carry its pool ids (file rows).
+
+    Invalid SMILES are skipped with a count unless --external_strict_smiles; `standardize` is the run's.
+    """
     try:
         return load_pool(
-            pool_args.external_file, pool_args.external_smiles_column, pool_args.external_label_column
+            pool_args.external_file,
+            pool_args.external_smiles_column,
+            pool_args.external_label_column,
+            strict=pool_args.external_strict_smiles,
+            standardize=standardize,
         )
     except ValueError as err:
         raise ValueError(
@@ -323,7 +330,7 @@ def embed_all(model: nn.Module, token_batches: dict[str, list[Batch]], quiet: bo
 
 def labels_of(batches: Sequence[Batch]) -> np.ndarray:
     """The labels of token batches, in order, as float64."""
-    return torch.cat([batch["labels"].reshape(-1) for batch in batches]).double().numpy()
+    return torch.cat([batch["labels"].reshape(-1) for batch in batches]).double().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------

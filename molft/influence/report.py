@@ -3,11 +3,15 @@
 The score table is what run_selection.py --strategy influence reads; the summary records the settings,
 timings, solver convergence, the shape of the score distribution and the threshold each selection rule
 implies, so a selection can be judged without rerunning the scores.
+
+Pool molecules that sit in the run's validation or test split are left out before scoring (they would
+score as helpful because they are the query, and picking them leaks evaluation data); kept on request,
+they are scored but marked and unranked, so no top-k of the table can pick them. Every row names its
+molecule by pool id (its row in the pool file), so skipped invalid rows shift nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -23,6 +27,8 @@ from molft.files import INFLUENCE_MATRIX_FILE, INFLUENCE_QUERIES_FILE
 from molft.influence import HELPFUL_SIGN
 from molft.influence.api import HESSIAN_ESTIMATORS
 from molft.io import atomic_path, write_csv
+from molft.run_record import file_sha256
+from molft.selection import pool_ids
 from molft.splits import SPLIT_NAMES
 
 if TYPE_CHECKING:
@@ -36,31 +42,75 @@ PERCENTILES = (10, 25)
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 
 
-def score_table(pool: pd.DataFrame, scores: np.ndarray, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per pool molecule, in pool order; rank 1 = most helpful (most negative score)."""
-    order = np.argsort(scores, kind="stable")
-    rank = np.empty(len(scores), dtype=np.int64)
-    rank[order] = np.arange(1, len(scores) + 1)
+HELDOUT_SPLITS = ("validation", "test")
+
+
+def run_split_of(pool: pd.DataFrame, frames: dict[str, pd.DataFrame]) -> np.ndarray:
+    """The run's split each pool molecule sits in (by canonical SMILES), "" for molecules new to the run."""
     in_split = np.full(len(pool), "", dtype=object)
     for name in SPLIT_NAMES:
         inside = pool["canonical_smiles"].isin(set(frames[name]["canonical_smiles"])).to_numpy()
         in_split[inside] = name
-    overlap = {name: int((in_split == name).sum()) for name in SPLIT_NAMES}
-    if overlap["validation"] or overlap["test"]:
+    return in_split
+
+
+def leave_out_heldout(
+    pool: pd.DataFrame, frames: dict[str, pd.DataFrame], keep: bool
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The pool molecules to score, with an `in_run_split` column, and the pool's counts for the summary.
+
+    Held-out (validation/test) molecules are left out unless `keep`; kept, they are scored but unranked.
+    """
+    pool = pool.assign(in_run_split=run_split_of(pool, frames))
+    heldout = pool["in_run_split"].isin(HELDOUT_SPLITS).to_numpy()
+    counts = {name: int((pool["in_run_split"] == name).sum()) for name in SPLIT_NAMES}
+    counts.update(left_out=0 if keep else int(heldout.sum()), kept_unranked=int(heldout.sum()) if keep else 0)
+    if heldout.any():
         logger.warning(
-            "Pool molecules already in the run's splits: %s (column in_run_split). Held-out ones score as "
-            "helpful for the wrong reason; run_selection.py excludes them.",
-            overlap,
+            "%d pool molecules sit in the run's held-out splits (validation %d, test %d; pool ids %s): %s",
+            int(heldout.sum()),
+            counts["validation"],
+            counts["test"],
+            pool_ids(pool)[heldout][:10].tolist(),
+            "scored but unranked and marked in column in_run_split (--keep_heldout_overlap)"
+            if keep
+            else "left out of the scores (they are the query's own molecules; --keep_heldout_overlap keeps them)",
         )
+    n_rows, n_valid = pool.attrs.get("n_rows", len(pool)), len(pool)
+    if not keep:
+        pool = pool[~heldout].reset_index(drop=True)
+        if pool.empty:
+            raise ValueError("Every pool molecule is in the run's validation/test split; nothing to score.")
+    report = {
+        "n_rows": n_rows,
+        "n_invalid_skipped": n_rows - n_valid,
+        "n_scored": len(pool),
+        "heldout_overlap": counts,
+    }
+    return pool, report
+
+
+def score_table(pool: pd.DataFrame, scores: np.ndarray, frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per scored pool molecule, in pool order; rank 1 = most helpful (most negative score).
+
+    `index` is the pool id. Molecules of the run's validation/test split get no rank and no helpful flag.
+    """
+    in_split = pool["in_run_split"].to_numpy() if "in_run_split" in pool else run_split_of(pool, frames)
+    ranked = ~np.isin(in_split, HELDOUT_SPLITS)
+    rank = pd.array([pd.NA] * len(scores), dtype="Int64")
+    positions = np.flatnonzero(ranked)[np.argsort(scores[ranked], kind="stable")]
+    rank[positions] = np.arange(1, len(positions) + 1)
+    helpful = pd.array(scores * HELPFUL_SIGN > 0, dtype="boolean")
+    helpful[~ranked] = pd.NA
     return pd.DataFrame(
         {
-            "index": np.arange(len(pool)),
+            "index": pool_ids(pool),
             "smiles": pool["smiles"].to_numpy(),
             "canonical_smiles": pool["canonical_smiles"].to_numpy(),
             "label": pool["label"].to_numpy(),
             "score": scores,
             "rank": rank,
-            "helpful": scores * HELPFUL_SIGN > 0,
+            "helpful": helpful,
             "direction": DIRECTION,
             "in_run_split": in_split,
         }
@@ -68,7 +118,8 @@ def score_table(pool: pd.DataFrame, scores: np.ndarray, frames: dict[str, pd.Dat
 
 
 def write_matrix(output_dir: Path, matrix: np.ndarray, query_frame: pd.DataFrame) -> None:
-    """[queries x candidates] scores; row q is query molecule q of influence_queries.csv, column = pool index."""
+    """[queries x candidates] scores; row q is query molecule q of influence_queries.csv, column j is row j
+    of the score table (its pool id in the `index` column)."""
     with atomic_path(output_dir / INFLUENCE_MATRIX_FILE) as tmp, tmp.open("wb") as handle:
         np.save(handle, matrix)
     queries = query_frame[["smiles", "canonical_smiles", "label"]].reset_index(drop=True)
@@ -118,15 +169,6 @@ def score_statistics(scores: np.ndarray) -> dict[str, Any]:
     return statistics
 
 
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file, so the summary names the exact pool that was scored."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def run_summary(
     arguments: Sequence[Any],
     checkpoint_kind: str,
@@ -138,9 +180,12 @@ def run_summary(
     n_query: int,
     dtype: torch.dtype,
     device: torch.device,
+    pool_report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The influence_summary.json of a run; `arguments` are the script's parsed argument groups.
 
+    `scores` are the ranked molecules' (the statistics describe what a selection chooses from);
+    `pool_report` the pool's counts (rows read, invalid rows skipped, held-out molecules left out or kept).
     The settings are read from the groups by flag name (flags are unique across a script's groups), and
     every group is recorded in full under "arguments".
     """
@@ -177,6 +222,7 @@ def run_summary(
             "path": str(flags["external_file"]),
             "sha256": file_sha256(flags["external_file"]),
             "n_molecules": len(scores),
+            **(pool_report or {}),
         },
         "timings": diagnostics["timings"],
         "query_grad_norm": diagnostics.get("query_grad_norm"),
@@ -210,5 +256,6 @@ def log_result(scores_frame: pd.DataFrame, summary: dict[str, Any]) -> None:
         for repeat, steps in enumerate(trace):
             shown = ", ".join(f"{entry['step']}: {max(entry['ihvp_norm']):.4g}" for entry in steps)
             logger.info("LiSSA repeat %d, iHVP norm by step: %s", repeat, shown)
-    best = scores_frame.nsmallest(5, "score")[["index", "canonical_smiles", "label", "score"]]
+    ranked = scores_frame[scores_frame["rank"].notna()]
+    best = ranked.nsmallest(5, "score")[["index", "canonical_smiles", "label", "score"]]
     logger.info("Most helpful molecules:\n%s", best.to_string(index=False))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from molft.influence.api import compute_influence
 from molft.influence.problem import Batch, InfluenceProblem, NonFiniteGradientError
 from molft.influence.second_order import LiSSADivergenceError
+from molft.model_utils import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def run_estimator(
             solver_logger.removeHandler(handler)
             solver_logger.setLevel(previous_level)
             handler.close()
+        release_memory()  # the estimator's factors and caches are gone; give their memory back
     if estimator == "lissa":
         warn_if_lissa_truncated(diagnostics["solver"], options)
     return scores, diagnostics

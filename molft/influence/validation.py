@@ -30,6 +30,7 @@ from molft.influence.api import compute_influence
 from molft.influence.features import feature_batch_size, feature_batches, linear_forward
 from molft.influence.problem import InfluenceProblem
 from molft.influence.runner import lissa_steps_needed
+from molft.model_utils import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,8 @@ def validate_estimators(
             logger.warning("--validate: %s failed: %s", name, err)
             rows.append(failed_row(name, time.perf_counter() - start, err))
             continue
+        finally:
+            release_memory()  # each estimator starts from an empty cache, not the previous one's peak
         rows.append(
             {
                 "estimator": name,

@@ -2,7 +2,8 @@
 
 The chosen molecules (`molft.files.SELECTED_FILE`) are what run_regression.py's --extra_train_file reads;
 the manifest holds everything needed to reproduce the choice and to check later that it refers to the
-same pool.
+same pool. A `Selection` holds positions in the pool frame; the files name pool ids (rows of the pool
+file, `molft.selection.pool.pool_ids`), which stay valid when invalid rows were skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from molft import __version__
 from molft.data import dataset_fingerprint
 from molft.files import MANIFEST_FILE, MERGED_TRAIN_FILE, SELECTED_FILE
 from molft.io import write_csv, write_json
-from molft.selection.pool import canonical_column
+from molft.selection.pool import canonical_column, pool_ids
 from molft.selection.registry import Selection
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def selection_manifest(
 
 
 def selected_frame(pool_frame: pd.DataFrame, selection: Selection) -> pd.DataFrame:
-    """One row per chosen molecule in pick order: rank, index, smiles (canonical), label (if known), score.
+    """One row per chosen molecule in pick order: rank, index (pool id), smiles (canonical), label, score.
 
     The smiles/label columns are the ones run_regression.py's --extra_train_file detects by itself.
     """
@@ -60,7 +61,7 @@ def selected_frame(pool_frame: pd.DataFrame, selection: Selection) -> pd.DataFra
     frame = pd.DataFrame(
         {
             "rank": np.arange(1, len(selection) + 1),
-            "index": selection.indices,
+            "index": pool_ids(pool_frame)[selection.indices],
             "smiles": canonical[selection.indices],
         }
     )
@@ -148,15 +149,23 @@ def run_manifest(
     scores_file: str | None,
     arguments: Sequence[Any],
 ) -> dict[str, Any]:
-    """The selection manifest plus what the run was given (`arguments`: its dataclass groups) and left out."""
+    """The selection manifest plus what the run was given (`arguments`: its dataclass groups) and left out.
+
+    Indices in the manifest are pool ids, as in SELECTED_FILE.
+    """
+    ids = pool_ids(pool_frame)
     manifest = selection_manifest(
-        selection, pool_file, dataset_fingerprint(pool_frame["canonical_smiles"].tolist())
+        dataclasses.replace(selection, indices=ids[selection.indices]),
+        pool_file,
+        dataset_fingerprint(pool_frame["canonical_smiles"].tolist()),
     )
+    overlap_ids = {name: ids[positions].tolist() for name, positions in overlap.items()}
     manifest.update(
         {
             "n_pool": len(pool_frame),
+            "n_pool_rows": pool_frame.attrs.get("n_rows", len(pool_frame)),
             "n_candidates": len(candidates),
-            "heldout_overlap": {**overlap, "excluded": not keep_heldout_overlap and bool(overlap)},
+            "heldout_overlap": {**overlap_ids, "excluded": not keep_heldout_overlap and bool(overlap)},
             "split_file": split_file,
             "model_name_or_path": model_name_or_path,
             "scores_file": scores_file if selection.strategy == "influence" else None,

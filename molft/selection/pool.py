@@ -1,9 +1,11 @@
 """The external pool: reading it, which of its molecules may be picked, and the arrays strategies use.
 
-Pool indices are positions in the pool file, and every precomputed array (influence scores, embeddings,
-MC-dropout predictions) must follow them, so the pool is read without dropping rows and a score file is
-checked molecule by molecule before its scores are attached. Molecules that sit in the run's validation
-or test split are found here and left out of the candidates (adding them would leak evaluation data).
+A pool molecule's id is its row in the pool file (0-based, header excluded: the `row` column), so rows
+with invalid SMILES can be skipped and score, selection and manifest files still name the same molecules.
+Score files are matched by that id and checked molecule by molecule before their scores are attached.
+Inside a script the pool frame is addressed by position; ids are what goes into files. Molecules that sit
+in the run's validation or test split are found here and left out of the candidates (adding them would
+leak evaluation data).
 """
 
 from __future__ import annotations
@@ -116,11 +118,15 @@ def load_pool(
     label_column: str | None = None,
     *,
     require_labels: bool = True,
+    strict: bool = False,
+    standardize: str | None = None,
 ) -> pd.DataFrame:
-    """Read an external pool through molft.data: columns smiles, canonical_smiles, label, row.
+    """Read an external pool through molft.data: columns smiles, canonical_smiles, label, row (the pool id).
 
-    Unparsable SMILES are an error rather than a dropped row, because pool indices must stay aligned
-    with score and embedding files computed for the same file. Columns are auto-detected unless named.
+    Invalid SMILES are skipped with a count and their rows named (an error when `strict`); the others
+    keep their file row as id. `standardize` should be the run's, so pool molecules compare with its
+    splits. Columns are auto-detected unless named; a missing label column is allowed unless
+    `require_labels`, an ambiguous one is always an error.
     """
     table = read_table(path)
     source = str(path)
@@ -129,13 +135,35 @@ def load_pool(
     if label_col is None:
         try:
             label_col = find_column(table, None, LABEL_CANDIDATES, "label", source)
-        except ValueError:
-            if require_labels:
+        except ValueError as err:
+            if require_labels or not str(err).startswith("No label column"):
                 raise
             logger.info("Pool file %s has no label column; label-based strategies are unavailable.", path)
-    return prepare_molecules(
-        table, smiles_col, label_col, source=source, strict=True, require_labels=require_labels
+    pool = prepare_molecules(
+        table,
+        smiles_col,
+        label_col,
+        source=source,
+        strict=strict,
+        require_labels=require_labels,
+        standardize=standardize,
     )
+    pool.attrs["n_rows"] = len(table)
+    if len(pool) < len(table):
+        logger.warning(
+            "Pool %s: %d of %d rows skipped (invalid SMILES); the others keep their row number as pool id.",
+            source,
+            len(table) - len(pool),
+            len(table),
+        )
+    return pool
+
+
+def pool_ids(pool_frame: pd.DataFrame) -> np.ndarray:
+    """The id of each pool molecule: its row in the pool file (its position for frames without `row`)."""
+    if "row" in pool_frame.columns:
+        return pool_frame["row"].to_numpy(dtype=np.int64)
+    return np.arange(len(pool_frame))
 
 
 def check_scores_match_pool(
@@ -148,43 +176,79 @@ def check_scores_match_pool(
 ) -> np.ndarray:
     """Return the scores in pool order after checking they were computed for this very pool.
 
-    Score files carry the SMILES of each pool index; a file written for another external set (or a
-    reordered one) would otherwise silently attach scores to the wrong molecules.
+    With an `index_column` (run_influence.py writes the pool id, see `pool_ids`) rows are matched by id,
+    and pool molecules the file leaves out (e.g. held-out ones) get NaN; without one, the file must hold
+    one row per pool molecule in pool order. Every row's SMILES is checked against its pool molecule: a
+    file written for another external set (or a reordered one) would otherwise silently attach scores
+    to the wrong molecules.
     """
     missing = [c for c in (score_column, smiles_column) if c not in scores_frame.columns]
     if missing:
         raise ValueError(f"Score file lacks column(s) {missing}; it has {list(scores_frame.columns)}.")
     n_pool = len(pool_frame)
-    if len(scores_frame) != n_pool:
+    if index_column in scores_frame.columns:
+        positions = _positions_of_ids(scores_frame[index_column], pool_ids(pool_frame), index_column)
+    elif len(scores_frame) != n_pool:
         raise ValueError(
             f"Score file has {len(scores_frame)} rows but the pool has {n_pool} molecules: "
             "the scores were computed for another pool."
         )
-    if index_column in scores_frame.columns:
-        index = scores_frame[index_column].to_numpy()
-        if not np.array_equal(np.sort(index), np.arange(n_pool)):
-            raise ValueError(
-                f"Score file column {index_column!r} is not a permutation of the pool indices "
-                f"0..{n_pool - 1}."
-            )
-        scores_frame = scores_frame.iloc[np.argsort(index, kind="stable")]
+    else:
+        positions = np.arange(n_pool)
+    ids = pool_ids(pool_frame)
     score_smiles = [canonical_smiles(s) or str(s) for s in scores_frame[smiles_column]]
-    pool_smiles = canonical_column(pool_frame).tolist()
+    pool_smiles = canonical_column(pool_frame)[positions].tolist()
     mismatched = [i for i, (a, b) in enumerate(zip(score_smiles, pool_smiles, strict=True)) if a != b]
     if mismatched:
-        examples = ", ".join(f"{i}: {score_smiles[i]!r} vs pool {pool_smiles[i]!r}" for i in mismatched[:3])
-        raise ValueError(
-            f"Score file does not match the pool at {len(mismatched)} of {n_pool} indices ({examples}): "
-            "the scores were computed for another pool."
+        examples = ", ".join(
+            f"{ids[positions[i]]}: {score_smiles[i]!r} vs pool {pool_smiles[i]!r}" for i in mismatched[:3]
         )
-    scores = pd.to_numeric(scores_frame[score_column], errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(scores))
+        raise ValueError(
+            f"Score file does not match the pool at {len(mismatched)} of {len(positions)} pool ids "
+            f"({examples}): the scores were computed for another pool."
+        )
+    values = pd.to_numeric(scores_frame[score_column], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
         raise ValueError(
-            f"Score file column {score_column!r} is missing or not finite at pool indices "
-            f"{bad[:10].tolist()}."
+            f"Score file column {score_column!r} is missing or not finite at pool ids "
+            f"{ids[positions[bad]][:10].tolist()}."
         )
+    scores = np.full(n_pool, np.nan)
+    scores[positions] = values
     return scores
+
+
+def _positions_of_ids(index: pd.Series, ids: np.ndarray, column: str) -> np.ndarray:
+    """Positions in the pool frame of a score file's pool ids (each id once, all in the pool)."""
+    values = pd.to_numeric(index, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all() or (values != np.round(values)).any():
+        raise ValueError(f"Score file column {column!r} holds values that are not pool ids (row numbers).")
+    values = values.astype(np.int64)
+    repeated = sorted({int(v) for v in values[pd.Series(values).duplicated().to_numpy()]})
+    if repeated:
+        raise ValueError(f"Score file column {column!r} repeats pool ids {repeated[:10]}.")
+    position = {int(pool_id): i for i, pool_id in enumerate(ids)}
+    unknown = [int(v) for v in values if int(v) not in position]
+    if unknown:
+        raise ValueError(
+            f"Score file names pool ids {unknown[:10]} that the pool does not hold (ids: its valid rows "
+            f"{ids[:3].tolist()}...): the scores were computed for another pool."
+        )
+    return np.array([position[int(v)] for v in values], dtype=np.int64)
+
+
+def check_candidate_scores(
+    scores: np.ndarray, pool_frame: pd.DataFrame, candidates: np.ndarray, scores_file: str | os.PathLike
+) -> None:
+    """Every candidate needs a score; a score file leaves out held-out molecules unless told to keep them."""
+    missing = candidates[~np.isfinite(scores[candidates])]
+    if len(missing):
+        raise ValueError(
+            f"--scores_file {scores_file} has no score for {len(missing)} candidate pool molecules (pool ids "
+            f"{pool_ids(pool_frame)[missing][:10].tolist()}). run_influence.py leaves molecules of the run's "
+            "validation/test split out unless --keep_heldout_overlap; score the pool with the options used here."
+        )
 
 
 def read_influence_scores(scores_file: str | os.PathLike, pool_frame: pd.DataFrame) -> np.ndarray:
@@ -209,19 +273,20 @@ def heldout_overlap(pool_frame: pd.DataFrame, frames: dict[str, pd.DataFrame] | 
 def candidate_positions(pool_frame: pd.DataFrame, overlap: dict[str, list[int]], keep: bool) -> np.ndarray:
     """Pool positions a strategy may pick: all, minus validation/test molecules unless `keep`."""
     heldout = sorted(set(overlap.get("validation", [])) | set(overlap.get("test", [])))
+    ids = pool_ids(pool_frame)
     if overlap.get("train"):
         logger.info(
-            "%d pool molecules are already in the training split (pool indices %s).",
+            "%d pool molecules are already in the training split (pool ids %s).",
             len(overlap["train"]),
-            overlap["train"][:10],
+            ids[overlap["train"][:10]].tolist(),
         )
     if heldout:
         counts = f"validation {len(overlap['validation'])}, test {len(overlap['test'])}"
         logger.warning(
-            "%d pool molecules are in the run's held-out splits (%s; pool indices %s) and are %s.",
+            "%d pool molecules are in the run's held-out splits (%s; pool ids %s) and are %s.",
             len(heldout),
             counts,
-            heldout[:10],
+            ids[heldout[:10]].tolist(),
             "KEPT as candidates (--keep_heldout_overlap)" if keep else "excluded from the candidates",
         )
     if keep:
