@@ -423,15 +423,17 @@ def influence(settings: Settings, runs: dict[str, Path], workdir: Path) -> list[
 
 def mlm(settings: Settings, modes: tuple[str, ...]) -> list[dict[str, Any]]:
     """Masked-LM training steps (forward, backward, AdamW) on corpus molecules, eager and/or compiled."""
-    from molft.mlm import SmilesMlmCollator
+    from molft.mlm import MlmDataArguments, mlm_collator
 
     device = torch.device(settings.device)
     needed = settings.mlm_batch_size * (settings.mlm_steps + 1)
     smiles = smiles_of(settings.corpus, limit=needed)
     tokenizer = MolformerTokenizer.from_smiles(smiles)
     config = model_config(settings, len(tokenizer))
-    # run_mlm.py's masking (never a special token at a random-replacement position)
-    collator = SmilesMlmCollator(tokenizer, max_seq_length=config.max_position_embeddings)
+    # run_mlm.py's collator with its default masking options (never a special token as a random replacement)
+    collator = mlm_collator(
+        tokenizer, MlmDataArguments(), pad_to_multiple_of=8 if settings.autocast_bf16 else None
+    )
     torch.manual_seed(0)
     encoded = tokenizer(smiles)["input_ids"]
     batches = []
