@@ -151,13 +151,18 @@ def regression_loss_curves(
     n_train: int | None = None,
     n_validation: int | None = None,
     best_step: int | None = None,
-) -> Figure:
+) -> Figure | None:
     """A run_regression.py run by epoch: the training/validation loss, which the model computes on its
     scaled targets (said on the axis), and validation RMSE in label units, the best epoch marked.
 
     `best_step` is the step of the checkpoint the run kept (Trainer `state.best_global_step`); without
     one, the evaluation with the lowest RMSE is marked.
     """
+    if not any("epoch" in e and ("loss" in e or "eval_loss" in e or "eval_rmse" in e) for e in log_history):
+        # a short run with no evaluation and fewer steps than --logging_steps logs nothing to draw;
+        # its results are complete, so this must not fail the run
+        logger.info("No losses were logged (see --logging_steps, --eval_strategy); no loss curve written.")
+        return None
     targets = TARGET_UNITS.get(target_scaling, target_scaling)
     if best_step is None:
         evaluations = [e for e in log_history if "eval_rmse" in e and "step" in e]

@@ -22,6 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "molformer-tiny.json"
 
 
+MICRO_FIELDS = dict(
+    vocab_size=24,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    num_random_features=12,
+    max_position_embeddings=8,
+)
+
+
+def micro_config(**overrides) -> MolformerConfig:
+    """The modeling tests' MoLFormer: two layers, two heads of 8, 12 random features (two orthogonal blocks,
+    truncated), a rotary table of 8; `overrides` change single fields."""
+    return MolformerConfig(**{**MICRO_FIELDS, **overrides})
+
+
 def tiny_config(**overrides) -> MolformerConfig:
     """configs/molformer-tiny.json (hidden 32, 2 layers, FFN 32), with `overrides` (e.g. vocab_size)."""
     config = MolformerConfig.from_json_file(str(TINY_CONFIG))

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import micro_config
 from safetensors.torch import load_file
 from torch.func import functional_call, grad, jvp, vmap
 from torch.profiler import profile
@@ -27,16 +28,7 @@ from modeling_molformer_reg import MolformerForRegression
 
 
 def tiny_config(**overrides) -> MolformerConfig:
-    fields = dict(
-        vocab_size=24,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=40,
-        num_random_features=12,
-        max_position_embeddings=8,
-    )
-    return MolformerConfig(**{**fields, **overrides})
+    return micro_config(**{"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 40, **overrides})
 
 
 def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

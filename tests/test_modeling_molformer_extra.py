@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import micro_config
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, AutoModelForMaskedLM
@@ -26,19 +27,7 @@ ASPIRIN_IDS = [0, 4, 4, 6, 12, 9, 7, 9, 5, 8, 5, 5, 5, 5, 5, 8, 4, 6, 12, 9, 7, 
 HUB_MODEL = "ibm/MoLFormer-XL-both-10pct"
 
 
-def tiny_config(**overrides) -> MolformerConfig:
-    """Two layers, two heads of 8; 12 random features (two orthogonal blocks, truncated); rotary table of 8."""
-    fields = dict(
-        vocab_size=24,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        num_random_features=12,
-        max_position_embeddings=8,
-    )
-    fields.update(overrides)
-    return MolformerConfig(**fields)
+tiny_config = micro_config
 
 
 def randomised(model: nn.Module, seed: int = 0, scale: float = 0.5) -> nn.Module:

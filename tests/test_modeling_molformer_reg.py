@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import micro_config
 from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -27,17 +28,9 @@ SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CN1CCC[C@H]1c1cccnc1", "O=C
 
 
 def tiny_config(**overrides) -> MolformerConfig:
-    fields = dict(
-        vocab_size=24,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        num_random_features=8,
-        max_position_embeddings=16,
+    return micro_config(
+        **{"num_hidden_layers": 1, "num_random_features": 8, "max_position_embeddings": 16, **overrides}
     )
-    fields.update(overrides)
-    return MolformerConfig(**fields)
 
 
 def tiny_model(seed: int = 0, **overrides) -> MolformerForRegression:

@@ -197,3 +197,10 @@ def test_regression_loss_curves_by_epoch_with_the_best_epoch_marked(tmp_path):
     assert fig.axes[0].get_ylabel() == "mse loss on min-max scaled targets"
     with pytest.raises(ValueError, match="x_axis must be 'step' or 'epoch'"):
         plots.loss_curves(history, x_axis="time")
+
+
+def test_regression_loss_curves_skip_a_run_that_logged_nothing(tmp_path):
+    """A short run with no evaluation and fewer steps than --logging_steps must still finish."""
+    history = [{"train_runtime": 1.0, "epoch": 1.0, "step": 53}]
+    assert plots.regression_loss_curves(history, tmp_path / "loss.png") is None
+    assert not (tmp_path / "loss.png").exists()

@@ -15,7 +15,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from molft.influence.problem import Batch, InfluenceProblem, NonFiniteGradientError, reusable_batches
+from molft.influence.problem import (
+    Batch,
+    Batches,
+    InfluenceProblem,
+    NonFiniteGradientError,
+    ScoresAndInfo,
+    reusable_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +66,8 @@ class InfluenceEstimator:
         raise NotImplementedError(f"estimator {self.name!r} does not provide inverse-HVPs; use score()")
 
     def score(
-        self,
-        query_batches: Iterable[Batch],
-        candidate_batches: Iterable[Batch],
-        per_query: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        self, query_batches: Batches, candidate_batches: Batches, per_query: bool = False
+    ) -> ScoresAndInfo:
         """Influence of each candidate on the query loss: [N], or [Q, N] with `per_query`."""
         problem = self.require_fit()
         timings: dict[str, float] = {}

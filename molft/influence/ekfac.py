@@ -30,7 +30,14 @@ from torch import nn
 from torch.utils import data
 
 from molft.influence.base import InfluenceEstimator
-from molft.influence.problem import LABELS_KEY, Batch, InfluenceProblem, squared_error_loss
+from molft.influence.problem import (
+    LABELS_KEY,
+    Batch,
+    Batches,
+    InfluenceProblem,
+    ScoresAndInfo,
+    squared_error_loss,
+)
 
 if TYPE_CHECKING:
     from kronfluence import Analyzer
@@ -156,11 +163,8 @@ class EKFACEstimator(InfluenceEstimator):
         return sampler, self.use_empirical_fisher
 
     def score(
-        self,
-        query_batches: Iterable[Batch],
-        candidate_batches: Iterable[Batch],
-        per_query: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        self, query_batches: Batches, candidate_batches: Batches, per_query: bool = False
+    ) -> ScoresAndInfo:
         from kronfluence import ScoreArguments
 
         problem = self.require_fit()

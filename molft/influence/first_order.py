@@ -7,13 +7,13 @@ TracIn), so a negative score still means "a gradient step on the candidate lower
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from molft.influence.base import InfluenceEstimator, candidate_scores
-from molft.influence.problem import Batch
+from molft.influence.problem import Batches, ScoresAndInfo
 
 Checkpoint = tuple[Mapping[str, torch.Tensor] | None, float]
 
@@ -48,11 +48,8 @@ class TracInEstimator(InfluenceEstimator):
         self.checkpoints: list[Checkpoint] = list(checkpoints) if checkpoints else [(None, 1.0)]
 
     def score(
-        self,
-        query_batches: Iterable[Batch],
-        candidate_batches: Iterable[Batch],
-        per_query: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        self, query_batches: Batches, candidate_batches: Batches, per_query: bool = False
+    ) -> ScoresAndInfo:
         problem = self.require_fit()
         start = time.perf_counter()
         total: torch.Tensor | None = None

@@ -26,6 +26,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 logger = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor]
+Batches = Iterable[Batch]
+# what every estimator's score() returns: the scores and a record of how they were computed
+ScoresAndInfo = tuple[torch.Tensor, dict[str, Any]]
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 ForwardFn = Callable[[nn.Module, Batch], torch.Tensor]
 
