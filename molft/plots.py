@@ -248,7 +248,6 @@ def metric_vs_params(
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.subplots()
     _cell_errorbars(ax, table, params, value, log_x=True)
-    ax.set(ylabel=f"{value} (mean, 95% CI)")
     ax.legend(fontsize="small")
     return _finish(fig, path)
 
@@ -264,8 +263,7 @@ def tradeoff_figure(
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     share_ax, time_ax = fig.subplots(1, 2, sharey=True)
     _cell_errorbars(share_ax, table, share, value, log_x=True)
-    share_ax.set(ylabel=f"{value} (mean, 95% CI)")
-    _cell_errorbars(time_ax, table, wall_time, value, log_x=False)
+    _cell_errorbars(time_ax, table, wall_time, value, log_x=False, label_y=False)
     time_ax.legend(fontsize="small")
     return _finish(fig, path)
 
@@ -308,8 +306,11 @@ def shift_diagnostics_plot(
     return _finish(fig, path)
 
 
-def _cell_errorbars(ax: Axes, table: pd.DataFrame, x_column: str, value: str, log_x: bool) -> None:
-    """One errorbar per (method, strategy) row: colour per method, marker per strategy; labels the x axis."""
+def _cell_errorbars(
+    ax: Axes, table: pd.DataFrame, x_column: str, value: str, log_x: bool, label_y: bool = True
+) -> None:
+    """One errorbar per (method, strategy) row: colour per method, marker per strategy; labels the axes
+    (`label_y` false for a panel that shares its neighbour's y axis)."""
     mean, ci_low, ci_high = _require_value_columns(table, value)
     _require_columns(table, ("method", "strategy", x_column))
     x_values = table[x_column].to_numpy(dtype=np.float64)
@@ -337,6 +338,8 @@ def _cell_errorbars(ax: Axes, table: pd.DataFrame, x_column: str, value: str, lo
         ax.set(xscale="log", xlabel=f"{x_column} (log scale)")
     else:
         ax.set(xlabel=x_column)
+    if label_y:
+        ax.set(ylabel=f"{value} (mean, 95% CI)")
 
 
 def _yerr(mean: Any, ci_low: Any, ci_high: Any) -> np.ndarray:
