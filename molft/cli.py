@@ -233,6 +233,9 @@ def setup_logging(log_level: int) -> None:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_explicit_format()
+    # transformers propagates to the root logger whenever $CI is set, which would print each of its messages
+    # twice (its own handler and ours); its own handler alone, as everywhere else
+    transformers.utils.logging.disable_propagation()
 
 
 LOG_LEVELS = {

@@ -134,3 +134,14 @@ def test_wrong_type_fails_before_any_output(tmp_path, data_dir):
     with pytest.raises(ValueError, match=rf"^{config}: per_device_train_batch_size must be an integer"):
         run_regression.main([str(config)])
     assert not output_dir.exists()
+
+
+def test_setup_logging_prints_each_transformers_message_once():
+    """transformers propagates to the root logger when $CI is set; each message would then print twice."""
+    import logging
+
+    from molft.cli import setup_logging
+
+    logging.getLogger("transformers").propagate = True  # what transformers does under CI=true
+    setup_logging(logging.INFO)
+    assert logging.getLogger("transformers").propagate is False
