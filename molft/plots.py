@@ -26,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from molft.io import save_figure  # noqa: E402
 from molft.metrics import regression_metrics  # noqa: E402
-from molft.stats import finite_vector  # noqa: E402
+from molft.stats import finite_vector, require_columns  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def bars_with_ci(
 ) -> Figure:
     """Grouped bars of the cell means with their 95% intervals as error bars."""
     mean, ci_low, ci_high = _require_value_columns(table, value)
-    _require_columns(table, (group, hue))
+    require_columns(table, (group, hue))
     if table.duplicated([group, hue]).any():
         raise ValueError(f"Table holds more than one row per ({group}, {hue}); aggregate it first.")
     groups = list(dict.fromkeys(table[group]))
@@ -312,7 +312,7 @@ def _cell_errorbars(
     """One errorbar per (method, strategy) row: colour per method, marker per strategy; labels the axes
     (`label_y` false for a panel that shares its neighbour's y axis)."""
     mean, ci_low, ci_high = _require_value_columns(table, value)
-    _require_columns(table, ("method", "strategy", x_column))
+    require_columns(table, ("method", "strategy", x_column))
     x_values = table[x_column].to_numpy(dtype=np.float64)
     invalid = ~np.isfinite(x_values) | ((x_values <= 0) if log_x else False)
     if invalid.any():
@@ -352,16 +352,10 @@ def _yerr(mean: Any, ci_low: Any, ci_high: Any) -> np.ndarray:
 
 def _require_value_columns(table: pd.DataFrame, value: str) -> tuple[str, str, str]:
     columns = (f"{value}_mean", f"{value}_ci_low", f"{value}_ci_high")
-    _require_columns(table, columns)
+    require_columns(table, columns)
     if table.empty:
         raise ValueError("Cannot plot an empty table.")
     return columns
-
-
-def _require_columns(table: pd.DataFrame, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(f"Table lacks column(s) {missing}; it has {list(table.columns)}.")
 
 
 def _finish(fig: Figure, path: PathLike | None) -> Figure:

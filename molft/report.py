@@ -21,7 +21,15 @@ import pandas as pd
 
 from molft import plots
 from molft.io import DONE_MARKER, read_json, write_csv, write_text
-from molft.stats import WILCOXON_ZERO_METHOD, PairedTest, holm_correction, paired_comparison, summarize
+from molft.markdown import format_cell, markdown_table
+from molft.stats import (
+    WILCOXON_ZERO_METHOD,
+    PairedTest,
+    holm_correction,
+    paired_comparison,
+    require_columns,
+    summarize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +72,7 @@ def collect_runs(sweep_dir: str | os.PathLike) -> pd.DataFrame:
 
 def cell_table(runs: pd.DataFrame, metrics: Sequence[str] = DEFAULT_METRICS) -> pd.DataFrame:
     """Per (split, method, strategy): run count, and mean, std and 95% t-interval over seeds per metric."""
-    _require_columns(runs, ["method", "strategy", *metrics])
+    require_columns(runs, ["method", "strategy", *metrics], "Runs table")
     runs = _with_split(runs)
     rows = []
     for (split, method, strategy), cell in runs.groupby(["split", "method", "strategy"], sort=False):
@@ -99,7 +107,7 @@ def paired_table(
     Baselines: every strategy against "none" and against "random", and "influence_top" against
     "influence_bottom". `p_holm` adjusts the p-values over all rows of the table.
     """
-    _require_columns(runs, ["method", "strategy", "seed", metric])
+    require_columns(runs, ["method", "strategy", "seed", metric], "Runs table")
     runs = _with_split(runs)
     keys = ["seed"]
     if "split_seed" in runs and runs["split_seed"].notna().any():
@@ -133,7 +141,7 @@ def paired_table(
 
 def overview_table(cells: pd.DataFrame, metric: str = "test_rmse") -> pd.DataFrame:
     """Strategies (and splitters) down, methods across, "mean ± std (n)" in each cell: the grid at a glance."""
-    _require_columns(cells, ["method", "strategy", "n", f"{metric}_mean", f"{metric}_std"])
+    require_columns(cells, ["method", "strategy", "n", f"{metric}_mean", f"{metric}_std"], "Cell table")
     cells = _with_split(cells)
     rows = ["split", "strategy"] if cells["split"].nunique() > 1 else ["strategy"]
     text = [
@@ -157,7 +165,7 @@ def pooled_paired_table(
     one method and seed) asks whether a strategy helps fine-tuning in general, with four times the pairs.
     Only strategies every pooled method has are compared, so no method's pairs are silently missing.
     """
-    _require_columns(runs, ["method", "strategy", "seed", metric])
+    require_columns(runs, ["method", "strategy", "seed", metric], "Runs table")
     runs = _with_split(runs)
     common = set.intersection(*(set(group["strategy"]) for _, group in runs.groupby(["split", "method"])))
     pooled = runs[runs["strategy"].isin(common)].assign(
@@ -169,7 +177,7 @@ def pooled_paired_table(
 def paired_overview(paired: pd.DataFrame) -> pd.DataFrame:
     """Comparisons down, methods across, "difference [95% CI] p" in each cell (Holm-adjusted p in the CSV)."""
     stats = ["n_pairs", "mean_diff", "ci_low", "ci_high", "p_value"]
-    _require_columns(paired, ["method", "comparison", "baseline", *stats])
+    require_columns(paired, ["method", "comparison", "baseline", *stats], "Paired table")
     paired = _with_split(paired)
     text = [
         _paired_cell(int(n), diff, low, high, p)
@@ -195,7 +203,7 @@ def _paired_cell(n: int, diff: float, low: float, high: float, p: float) -> str:
         return "no pairs"
     if n == 1:
         return f"{diff:+.3f} (n=1)"
-    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] p={_fmt(p)} (n={n})"
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] p={format_cell(p)} (n={n})"
 
 
 def write_report(
@@ -411,7 +419,7 @@ def _markdown_report(
     cell_view = cells[[*(["split"] if several_splits else []), "method", "strategy", "n"]].copy()
     for m in metrics:
         cell_view[f"{m} (95% CI)"] = [
-            f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
+            f"{format_cell(mean)} [{format_cell(low)}, {format_cell(high)}]"
             for mean, low, high in cells[[f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high"]].itertuples(index=False)
         ]
     for column in COST_COLUMNS:
@@ -440,13 +448,13 @@ def _markdown_report(
         "",
         f"{metric} mean ± std over seeds (number of runs).",
         "",
-        _markdown_table(overview_table(cells, metric)),
+        markdown_table(overview_table(cells, metric)),
         "",
         "## Cells",
         "",
         "Mean over seeds with a 95% Student-t confidence interval (nan with a single seed).",
         "",
-        _markdown_table(cell_view),
+        markdown_table(cell_view),
         "",
         f"## Paired comparisons ({metric})",
         "",
@@ -461,13 +469,13 @@ def _markdown_report(
             else ""
         ),
         "",
-        _markdown_table(paired_overview(paired))
+        markdown_table(paired_overview(paired))
         if not paired.empty
         else "No comparison had its baseline present.",
         "",
         "All columns:",
         "",
-        _markdown_table(paired if several_splits else paired.drop(columns="split"))
+        markdown_table(paired if several_splits else paired.drop(columns="split"))
         if not paired.empty
         else "",
         "",
@@ -476,28 +484,3 @@ def _markdown_report(
         *figures,
     ]
     return "\n".join(lines)
-
-
-def _markdown_table(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    divider = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, divider, *body])
-
-
-def _fmt(value: Any) -> str:
-    if value is None or value is pd.NA:
-        return ""
-    if isinstance(value, float | np.floating):
-        if math.isnan(value):
-            return "nan"
-        if value.is_integer() and abs(value) >= 1e4:
-            return f"{int(value):,}"  # parameter counts read better in full
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"Runs table lacks column(s) {missing}; it has {list(frame.columns)}.")

@@ -7,6 +7,7 @@ share a seed (and data split) and tests the per-pair differences, rather than co
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -116,3 +117,10 @@ def finite_vector(values: Any, name: str) -> np.ndarray:
     if bad.size:
         raise ValueError(f"{name} holds {bad.size} non-finite value(s), first at index {bad[0]}.")
     return array
+
+
+def require_columns(table: Any, columns: Sequence[str], what: str = "Table") -> None:
+    """Refuse a table that lacks any of `columns`, naming the missing ones and those it has."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}; it has {list(table.columns)}.")

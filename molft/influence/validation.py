@@ -30,6 +30,7 @@ from molft.influence.api import compute_influence
 from molft.influence.features import feature_batch_size, feature_batches, linear_forward
 from molft.influence.problem import InfluenceProblem
 from molft.influence.runner import lissa_steps_needed
+from molft.markdown import markdown_table
 from molft.model_utils import release_memory
 
 logger = logging.getLogger(__name__)
@@ -312,7 +313,4 @@ def format_table(table: pd.DataFrame) -> str:
     for column in ("spearman_vs_exact", "spearman_vs_retrain"):
         shown[column] = shown[column].map(lambda value: "nan" if not np.isfinite(value) else f"{value:.4f}")
     shown["seconds"] = shown["seconds"].map(lambda value: f"{value:.2f}")
-    columns = list(shown.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(str(row[column]) for column in columns) + " |" for _, row in shown.iterrows()]
-    return "\n".join(lines)
+    return markdown_table(shown)
