@@ -406,3 +406,20 @@ def test_a_run_on_its_own_standardised_file_needs_only_its_folder(trained, data_
     assert recorded["standardize"] == "fragment_neutral" and recorded["dataset_name"] is None
     with pytest.raises(ValueError, match="was made with standardize='fragment_neutral', this data with None"):
         run_main([*base, "--output_dir", tmp_path / "plain"], "--strategy all --standardize none")
+
+
+def test_every_flag_a_missing_input_error_names_exists():
+    """The strategies' 'missing input' errors advise flags; each must be one that run_selection.py takes."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from molft.selection import FIELD_SOURCES
+
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run(
+        [sys.executable, "run_selection.py", "--help"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    named = {flag for source in FIELD_SOURCES.values() for flag in re.findall(r"--[a-z_]+", source)}
+    assert named and all(re.search(rf"{flag}\b", shown) for flag in named), sorted(named)

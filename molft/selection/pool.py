@@ -30,16 +30,15 @@ logger = logging.getLogger(__name__)
 
 # Where each input of a strategy comes from, for error messages that say what to pass.
 FIELD_SOURCES: dict[str, str] = {
-    "labels": "pool labels (the label column of the pool file, --pool_label_column)",
+    "labels": "pool labels (the label column of the pool file, --external_label_column)",
     "influence_scores": "influence scores for this pool (run_influence.py's scores file, --scores_file)",
-    "embeddings": "pool embeddings (--pool_embeddings_file, or --model_name_or_path to embed the pool)",
-    "mc_predictions": "MC-dropout predictions [passes, pool] (--mc_predictions_file, or --model_name_or_path "
-    "with --mc_passes)",
-    "train_smiles": "the training split (--train_file)",
-    "train_embeddings": "training-set embeddings (--train_embeddings_file, or --model_name_or_path)",
-    "train_labels": "training labels (--train_file)",
-    "val_embeddings": "validation embeddings (--validation_embeddings_file, or --model_name_or_path)",
-    "val_labels": "validation labels (--validation_file)",
+    "embeddings": "pool embeddings (--model_name_or_path, a run_regression.py output, embeds the pool)",
+    "mc_predictions": "MC-dropout predictions [passes, pool] (--model_name_or_path, with --n_passes)",
+    "train_smiles": "the run's training split (--split_file, or the split.json beside --model_name_or_path)",
+    "train_embeddings": "training-set embeddings (--model_name_or_path and the run's --split_file)",
+    "train_labels": "the run's training labels (--split_file, or the split.json beside --model_name_or_path)",
+    "val_embeddings": "validation embeddings (--model_name_or_path and the run's --split_file)",
+    "val_labels": "the run's validation labels (--split_file, or the split.json beside --model_name_or_path)",
 }
 
 
