@@ -34,7 +34,7 @@ FIELD_SOURCES: dict[str, str] = {
     "influence_scores": "influence scores for this pool (run_influence.py's scores file, --scores_file)",
     "embeddings": "pool embeddings (--model_name_or_path, a run_regression.py output, embeds the pool)",
     "mc_predictions": "MC-dropout predictions [passes, pool] (--model_name_or_path, with --n_passes)",
-    "train_smiles": "the run's training split (--split_file, or the split.json beside --model_name_or_path)",
+    "train_smiles": "the training split of the run (--split_file, or the split.json beside --model_name_or_path)",
     "train_embeddings": "training-set embeddings (--model_name_or_path and the run's --split_file)",
     "train_labels": "the run's training labels (--split_file, or the split.json beside --model_name_or_path)",
     "val_embeddings": "validation embeddings (--model_name_or_path and the run's --split_file)",
