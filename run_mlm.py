@@ -38,7 +38,7 @@ from molft.mlm import (
     push_output,
     with_perplexity,
 )
-from molft.mlm_corpus import prepare_corpus
+from molft.mlm_corpus import evaluation_corpus, prepare_corpus
 from molft.model_card import mlm_model_card
 from molft.threads import choose_cpu_threads
 from molft.trainer import ResultsTrainer, enable_mixed_precision, log_best_model
@@ -98,7 +98,10 @@ def main(args: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
 
     # Data: the corpus without held-out molecules, a tokenizer (built from it when training from scratch)
-    corpus = prepare_corpus(data_args, training_args.seed, model_args.cache_dir)
+    if training_args.do_train or data_args.train_file or data_args.dataset_name:
+        corpus = prepare_corpus(data_args, training_args.seed, model_args.cache_dir)
+    else:  # evaluate a checkpoint on --validation_file only
+        corpus = evaluation_corpus(data_args)
     evaluating = training_args.do_eval or training_args.eval_strategy != "no"
     if evaluating and not corpus.validation:
         raise ValueError(
@@ -171,11 +174,11 @@ def main(args: list[str] | None = None) -> dict[str, float]:
             if training_args.push_to_hub:
                 push_output(trainer, training_args)
         mark_done(output_dir, {"script": "run_mlm.py", "metrics": results, "data": corpus.summary})
+        checkpoint = f"the checkpoint (run_regression.py --model_name_or_path {output_dir}), "
         logger.info(
-            "Outputs are in %s: the checkpoint (run_regression.py --model_name_or_path %s), metrics in %s, "
-            "the corpus summary in %s.",
+            "Outputs are in %s: %smetrics in %s, the corpus summary in %s.",
             output_dir.resolve(),
-            output_dir,
+            checkpoint if training_args.do_train else "",
             ALL_RESULTS_FILE,
             MLM_DATA_SUMMARY_FILE,
         )

@@ -195,6 +195,19 @@ def heldout_frames(data_args: MlmDataArguments) -> dict[str, pd.DataFrame]:
     return heldout
 
 
+def evaluation_corpus(data_args: MlmDataArguments) -> MlmCorpus:
+    """Only --validation_file's molecules: an evaluation-only run (do_train false) needs no training corpus."""
+    if data_args.validation_file is None:
+        raise ValueError("An evaluation-only run (do_train false) needs --validation_file.")
+    validation = _validation_file_smiles(data_args)
+    summary: dict[str, Any] = {"sources": {str(data_args.validation_file): {"molecules": len(validation)}}}
+    if data_args.max_eval_samples is not None:
+        validation = validation[: data_args.max_eval_samples]
+    summary.update(n_train=0, n_validation=len(validation))
+    logger.info("Evaluation only: %d molecules of %s.", len(validation), data_args.validation_file)
+    return MlmCorpus(train=[], validation=validation, summary=summary)
+
+
 def prepare_corpus(data_args: MlmDataArguments, seed: int, cache_dir: str | None = None) -> MlmCorpus:
     """Read, clean, de-leak, deduplicate and split the molecules; record every count on the way."""
     if data_args.max_train_samples is not None:

@@ -300,3 +300,28 @@ def test_accelerate_launch_with_two_processes(tmp_path, corpus_smiles):
     )  # fmt: skip
     # (padding a lone molecule to its pair's length changes only rounding)
     assert single["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-4)
+
+
+def test_evaluation_only_run_scores_a_checkpoint_on_a_file(scratch_run, corpus_smiles, tmp_path):
+    """do_train false with --validation_file: no training corpus needed, the same eval_loss as the run's own."""
+    output_dir, metrics, _ = scratch_run
+    molecules = write_smiles(tmp_path / "molecules.csv", corpus_smiles[200:260])
+    first = run_main(
+        *FAST_TRAINING,
+        "--model_name_or_path", output_dir,
+        "--validation_file", molecules,
+        "--do_train", "false", "--do_eval", "true",
+        "--output_dir", tmp_path / "eval_a",
+    )  # fmt: skip
+    again = run_main(
+        *FAST_TRAINING,
+        "--model_name_or_path", output_dir,
+        "--validation_file", molecules,
+        "--do_train", "false", "--do_eval", "true",
+        "--output_dir", tmp_path / "eval_b",
+    )  # fmt: skip
+    assert math.isfinite(first["eval_loss"]) and 0 < first["eval_masked_accuracy"] <= 1
+    assert first["eval_loss"] == again["eval_loss"]  # fixed evaluation masks: repeatable
+    assert first["eval_samples"] == 60
+    assert read_json(tmp_path / "eval_a" / MLM_DATA_SUMMARY_FILE)["n_train"] == 0
+    assert not (tmp_path / "eval_a" / "model.safetensors").exists()
