@@ -4,7 +4,7 @@ The `molsets` wheel on PyPI carries them in `moses/dataset/data/train.csv.gz`. T
 `pip download --no-deps` and read as a zip file, never installed (it pins `pomegranate==0.12.0`, which does not
 build). Every molecule that is in Lipophilicity (the embedded copy) or in the external pool is removed by
 canonical SMILES, as are molecules already in the shared pretraining corpus and repeats, and each count is
-written to `<output>.summary.json` beside the corpus:
+written to `<output>.summary.json` beside the corpus (a molecule in both held-out sets counts under both):
 
     python scripts/fetch_moses_corpus.py                       # -> data/moses_train.csv (git-ignored)
     python scripts/fetch_moses_corpus.py --limit 200000        # the first 200,000 rows only
