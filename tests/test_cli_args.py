@@ -40,7 +40,8 @@ def write_config(path: Path, options: dict) -> Path:
 
 def test_every_shipped_config_still_parses():
     configs = sorted(path for path in (ROOT / "configs").glob("*.yaml") if path.name not in NOT_OPTIONS)
-    assert len(configs) == 7
+    names = {path.name for path in configs}
+    assert {"regression_small.yaml", "regression_scratch.yaml", "mlm_pretrain_cpu.yaml"} <= names, names
     for config in configs:
         script = config.stem.split("_")[0]
         parsed = parse_args(SCRIPT_TYPES[script], [str(config)])
