@@ -45,7 +45,11 @@ class MolformerConfig(PretrainedConfig):
       `hidden_states` are zeros. Off by default; eager only (under torch.compile and torch.func transforms
       the padded layout runs).
     * `regression_*` and `target_mean` / `target_std` configure `MolformerForRegression`. The target
-      statistics live here so that a saved model predicts in the label's own units.
+      statistics live here so that a saved model predicts in the label's own units: one number for one
+      target, one list entry per target for several (`problem_type="regression"`, names in `id2label`).
+    * `problem_type` (transformers' convention: regression, single_label_classification or
+      multi_label_classification) chooses the loss; `class_weights` weights it: one weight per class for
+      single-label classification, one positive-class weight per label for multi-label classification.
     """
 
     model_type = "molformer"
@@ -77,8 +81,9 @@ class MolformerConfig(PretrainedConfig):
         regression_pooling: str = "mean",
         regression_loss: str = "mse",
         huber_delta: float = 1.0,
-        target_mean: float = 0.0,
-        target_std: float = 1.0,
+        target_mean: float | list[float] = 0.0,
+        target_std: float | list[float] = 1.0,
+        class_weights: list[float] | None = None,
         **kwargs,
     ):
         kwargs.setdefault("tie_word_embeddings", False)
@@ -113,8 +118,9 @@ class MolformerConfig(PretrainedConfig):
         self.regression_pooling = regression_pooling
         self.regression_loss = regression_loss
         self.huber_delta = huber_delta
-        self.target_mean = float(target_mean)
-        self.target_std = float(target_std)
+        self.target_mean = _statistic(target_mean)
+        self.target_std = _statistic(target_std)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self._validate_molformer()
 
     def _validate_molformer(self) -> None:
@@ -136,12 +142,27 @@ class MolformerConfig(PretrainedConfig):
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
-        if not self.target_std > 0:
+        stds = self.target_std if isinstance(self.target_std, list) else [self.target_std]
+        if not all(std > 0 for std in stds):
             raise ValueError(f"target_std must be positive, got {self.target_std}.")
+        if isinstance(self.target_mean, list) != isinstance(self.target_std, list) or (
+            isinstance(self.target_mean, list) and len(self.target_mean) != len(self.target_std)
+        ):
+            raise ValueError(
+                f"target_mean and target_std must both be numbers or lists of one length, got "
+                f"{self.target_mean} and {self.target_std}."
+            )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+def _statistic(value: float | list[float]) -> float | list[float]:
+    """One target's statistic as a float; several targets' as a list of floats."""
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return float(value)
 
 
 __all__ = ["MolformerConfig"]

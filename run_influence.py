@@ -9,7 +9,8 @@ lower the loss on the validation molecules (the query set):
     python run_influence.py configs/influence_example.yaml --estimator lissa --lissa_depth 2000
     python run_influence.py --model_name_or_path outputs/run --external_file pool.csv \
         --estimator datainf --scope lora --output_dir outputs/influence_lora
-    python run_influence.py configs/influence_example.yaml --validate   # trust check of every estimator
+    python run_influence.py configs/influence_example.yaml --validate ridge   # trust check of every estimator
+    python run_influence.py configs/influence_example.yaml --validate lds --lds_retrain warm   # vs retraining
 
 Sign convention (the library's): a score is the predicted change of the query loss when the molecule is
 added, so NEGATIVE = HELPFUL; rank 1 is the most helpful molecule.
@@ -21,7 +22,9 @@ split are left out (--keep_heldout_overlap: scored, marked in `in_run_split`, un
 Writes `influence_scores.csv` (what `run_selection.py --strategy influence --scores_file` reads),
 `influence_summary.json` (settings, timings, solver convergence, score statistics and the threshold each
 selection rule implies), `influence_histogram.png`, with --per_query `influence_matrix.npy` (+
-`influence_queries.csv`), with --validate `validation.csv`/`validation.md`, then `run_complete.json` last.
+`influence_queries.csv`), with --validate ridge `validation.csv`/`validation.md`, with --validate lds
+`lds_subsets.csv`/`lds_groups.csv`/`lds_summary.json` (molft.influence.lds: every --validate_estimators
+estimator against retraining the network with random pool subsets added), then `run_complete.json` last.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from molft.files import (
     VALIDATION_CSV,
     VALIDATION_MD,
 )
-from molft.influence import ESTIMATORS, SCOPES
+from molft.influence import ESTIMATORS, SCOPES, lds
 from molft.influence.molformer import (
     CURVATURES,
     ProblemSetup,
@@ -64,11 +67,20 @@ from molft.influence.molformer import (
 )
 from molft.influence.report import leave_out_heldout, log_result, run_summary, score_table, write_matrix
 from molft.influence.runner import lissa_scale, run_estimator
-from molft.influence.validation import format_table, json_records, validate_estimators, validation_markdown
+from molft.influence.validation import (
+    EstimatorScores,
+    format_table,
+    json_records,
+    score_estimators,
+    validate_estimators,
+    validation_markdown,
+    validation_mode,
+)
 from molft.io import mark_done, prepare_output_dir, write_csv, write_json, write_text
 from molft.model_utils import fixed_feature_maps, resolve_device, unwrap_peft
 from molft.peft_setup import load_regression_checkpoint
 from molft.run_data import RunDataArguments
+from molft.tasks import require_single_target_regression
 
 logger = logging.getLogger(__name__)
 
@@ -221,13 +233,16 @@ class EstimatorArguments:
 
 @dataclass
 class ValidationArguments:
-    validate: bool = field(
-        default=False,
+    validate: str = field(
+        default="none",
         metadata={
-            "help": "Also check the estimators where the truth is computable: a ridge head on the model's "
-            "frozen pooled embeddings (l2 = --damping). Each estimator's scores are compared (Spearman) with "
-            "the exact influence and with the measured query-loss change of actually retraining with each "
-            "molecule added. Writes validation.csv and validation.md."
+            "help": "none | ridge: check the estimators where the truth is computable, a ridge head on the "
+            "model's frozen pooled embeddings (l2 = --damping), against the exact influence and the measured "
+            "query-loss change of refitting with each molecule added (validation.csv/.md) | lds: against "
+            "retraining the network with random pool subsets added (--lds_* options; lds_summary.json). "
+            "The bare flag (or the old 'true') means ridge.",
+            "nargs": "?",
+            "const": "ridge",
         },
     )
     validate_estimators: str = field(
@@ -242,6 +257,7 @@ ARGUMENT_TYPES = (
     RunDataArguments,
     RunModelArguments,
     ValidationArguments,
+    lds.LdsArguments,
     OutputArguments,
 )
 
@@ -249,13 +265,17 @@ ARGUMENT_TYPES = (
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Score the external pool and return the summary (also written to influence_summary.json)."""
     arguments = parse_args(ARGUMENT_TYPES, args, description=__doc__)
-    influence_args, estimator_args, pool_args, data_args, model_args, validation_args, output_args = arguments
+    influence_args, estimator_args, pool_args, data_args = arguments[:4]
+    model_args, validation_args, lds_args, output_args = arguments[4:]
     level = log_level(output_args.log_level)
     setup_logging(level)
     # no config dumps (transformers) or argument dumps (kronfluence) at info level
     transformers_logging.set_verbosity(max(level, logging.WARNING))
     logging.getLogger("kronfluence").setLevel(max(level, logging.WARNING))
     validate_arguments(influence_args, estimator_args, validation_args, model_args)
+    require_single_target_regression("run_influence.py", model_args.model_name_or_path)
+    if validation_args.validate == "lds":
+        lds.check_arguments(lds_args, model_args.model_name_or_path)
     device, dtype = resolve_device(model_args.device), resolve_dtype(influence_args.dtype)
     started = time.perf_counter()
     quiet = output_args.disable_tqdm
@@ -266,6 +286,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     frames = data_args.load_frames()
     pool = load_candidate_pool(pool_args, data_args.standardize)  # invalid rows skipped, ids kept
     pool, pool_report = leave_out_heldout(pool, frames, keep=pool_args.keep_heldout_overlap)
+    if validation_args.validate == "lds" and lds_args.lds_shard:  # retrainings only: no scores, no summary
+        return lds.shard_of_run(
+            lds_args, model_args.model_name_or_path, pool, frames, influence_args.query_split,
+            output_args.output_dir, pool_args.external_file,
+        )  # fmt: skip
     if influence_args.query_split == "test":
         logger.warning(
             "!!! --query_split test: the scores predict the TEST loss. Selecting molecules with them tunes the "
@@ -310,8 +335,16 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             setup.problem, setup.batches, influence_args.estimator, options,
             per_query=influence_args.per_query, damping=influence_args.damping, quiet=quiet,
         )  # fmt: skip
+        lds_scores = None
+        if validation_args.validate == "lds":  # every estimator on this scope, the main one reused
+            lds_scores = score_estimators(
+                setup, parse_list(validation_args.validate_estimators),
+                lambda name: estimator_options(influence_args, estimator_args, setup, model_args, name),
+                influence_args.estimator, EstimatorScores(mean_of(scores), diagnostics["timings"]["total_s"]),
+                scope=influence_args.scope, pool=pool, damping=influence_args.damping, quiet=quiet,
+            )  # fmt: skip
         validation = None
-        if validation_args.validate:
+        if validation_args.validate == "ridge":
             validation = validate_estimators(
                 setup.features or embed_all(model, token_batches, quiet),
                 {role: frame["label"].to_numpy() for role, frame in roles.items()},
@@ -323,7 +356,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                 batch_size=batch_size, exact_max_params=estimator_args.exact_max_params, quiet=quiet,
             )  # fmt: skip
 
-    mean_scores = scores.mean(axis=0) if influence_args.per_query else scores
+    mean_scores = mean_of(scores)
     scores_frame = score_table(pool, mean_scores, frames)
     write_csv(output_dir / INFLUENCE_SCORES_FILE, scores_frame)
     if influence_args.per_query:
@@ -339,6 +372,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         write_text(output_dir / VALIDATION_MD, markdown)
         summary["validation"] = json_records(validation)
         logger.info("Estimator validation (ridge head on frozen embeddings):\n%s", format_table(validation))
+    if lds_scores is not None:
+        summary["lds"] = lds.evaluate_run(
+            lds_args, lds_scores, model_args.model_name_or_path, pool, frames, influence_args.query_split,
+            output_dir, f"{influence_args.estimator}@{influence_args.scope}", pool_args.external_file,
+        )  # fmt: skip
     write_json(output_dir / INFLUENCE_SUMMARY_FILE, summary)
     plots.score_histogram(
         ranked,
@@ -362,13 +400,19 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def mean_of(scores: Any) -> Any:
+    """Scores for the mean query loss: [N], from the [Q, N] matrix of --per_query."""
+    return scores.mean(axis=0) if scores.ndim > 1 else scores
+
+
 def validate_arguments(
     influence_args: InfluenceArguments,
     estimator_args: EstimatorArguments,
     validation_args: ValidationArguments,
     model_args: RunModelArguments,
 ) -> None:
-    """Fail before any data or model is read when options cannot work."""
+    """Fail before any data or model is read when options cannot work; normalises --validate."""
+    validation_args.validate = validation_mode(validation_args.validate)
     if not model_args.model_name_or_path:
         raise ValueError(
             "--model_name_or_path is required: the run_regression.py output folder (full model or PEFT "
@@ -391,10 +435,10 @@ def validate_arguments(
     if influence_args.max_train_samples is not None and influence_args.max_train_samples < 1:
         raise ValueError(f"--max_train_samples must be >= 1, got {influence_args.max_train_samples}.")
     lissa_scale(estimator_args.lissa_scale)  # raises on a bad value
-    if validation_args.validate and influence_args.damping <= 0:
-        raise ValueError("--validate needs --damping > 0 (it is the ridge penalty of the surrogate head).")
+    if validation_args.validate == "ridge" and influence_args.damping <= 0:
+        raise ValueError("--validate ridge needs --damping > 0 (the ridge penalty of the surrogate head).")
     unknown = sorted(set(parse_list(validation_args.validate_estimators)) - set(ESTIMATORS))
-    if validation_args.validate and unknown:
+    if validation_args.validate != "none" and unknown:
         raise ValueError(
             f"--validate_estimators: unknown estimator(s) {unknown}; choose from {sorted(ESTIMATORS)}."
         )

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Fine-tune MoLFormer for molecular property regression (default: MoleculeNet Lipophilicity, logD).
 
+Also several targets with gaps (`--label_column a,b,c`) and classification (`--problem_type
+single_label_classification` or `multi_label_classification`); see molft/tasks.py.
+
 Full fine-tuning or PEFT (LoRA, IA3, BitFit), in the style of the transformers examples:
 
     python run_regression.py configs/regression_small.yaml
@@ -24,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import transformers
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
 from molft import cli, preflight
+from molft.augment import AugmentationArguments, augment_training_set, vocabulary_variants
 from molft.files import (
     ALL_RESULTS_FILE,
     LOSS_CURVES_FILE,
@@ -40,7 +45,7 @@ from molft.files import (
 )
 from molft.hp_search import run_hp_search
 from molft.io import mark_done, write_csv, write_json, write_text
-from molft.metrics import make_compute_metrics
+from molft.labels import dataset_labels
 from molft.model_card import regression_model_card
 from molft.peft_setup import PEFT_METHODS, PeftOptions, publish_base_reference, trainable_parameters
 from molft.regression import (
@@ -58,6 +63,8 @@ from molft.regression import (
 from molft.run_data import PreparedData, RegressionDataArguments, prepare_data
 from molft.run_record import explicit_options, write_run_config
 from molft.splits import save_split
+from molft.task_outputs import done_fields, make_compute_metrics, write_loss_curves
+from molft.tasks import Task, TaskArguments, best_metric, check_split_labels, make_task
 from molft.threads import choose_cpu_threads
 from molft.trainer import (
     RegressionTrainer,
@@ -66,6 +73,13 @@ from molft.trainer import (
     evaluate_splits,
     train_model,
     training_callbacks,
+)
+from molft.uncertainty import (
+    UncertaintyArguments,
+    check_ensemble_members,
+    check_prediction_options,
+    predict_with_uncertainty,
+    split_molecules,
 )
 from molft.weights import WEIGHT_MAPPINGS
 
@@ -144,7 +158,10 @@ ARGUMENT_TYPES = (
     RegressionModelArguments,
     PeftArguments,
     RegressionDataArguments,
+    TaskArguments,
     RunArguments,
+    AugmentationArguments,
+    UncertaintyArguments,
     TrainingArguments,
 )
 
@@ -152,12 +169,14 @@ ARGUMENT_TYPES = (
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Run one fine-tuning (or a hyperparameter search) and return the metrics written to all_results.json."""
     all_args = cli.parse_args(ARGUMENT_TYPES, args, description=__doc__)
-    model_args, peft_args, data_args, run_args, training_args = all_args
+    model_args, peft_args, data_args, task_args, run_args, aug_args, unc_args, training_args = all_args
     options = explicit_options(ARGUMENT_TYPES, args)
     if training_args.should_log:  # log_level "passive" then means info, as in the transformers examples
         transformers.utils.logging.set_verbosity_info()
     cli.setup_logging(training_args.get_process_log_level())
     validate_arguments(model_args, peft_args, data_args, run_args, training_args)
+    task = make_task(task_args, data_args.label_column, run_args.hp_search, model_args.model_name_or_path)
+    check_prediction_options(aug_args.tta, unc_args, training_args.do_predict, run_args.hp_search != "none")
     # what the run needs from outside, checked before any data work or output (fails in seconds)
     preflight.check_run_needs(
         models={
@@ -188,13 +207,14 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         early_stopping_patience=run_args.early_stopping_patience,
         auto_mixed_precision=run_args.auto_mixed_precision,
         search=search,
+        best_metric=best_metric(task.problem_type),
     )
     set_seed(training_args.seed)
     start = time.perf_counter()
 
     # Data: every SMILES and label checked, split, external molecules added to train only
     reuse_split = output_dir / SPLIT_FILE if last_checkpoint and not data_args.split_file else None
-    data = prepare_data(data_args, reuse_split=reuse_split)
+    data = prepare_data(data_args, reuse_split=reuse_split, task=task)
     logger.info(
         "Data: %s, SMILES column %r, label column %r; %s split %s",
         data.source,
@@ -204,10 +224,24 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         data.split.sizes,
     )
     cap_splits(data.frames, {"validation": run_args.max_eval_samples, "test": run_args.max_predict_samples})
+    picks_by_auc = (
+        training_args.load_best_model_at_end and training_args.metric_for_best_model == "eval_roc_auc"
+    )
+    check_split_labels(data.frames, task, needs_validation_auc=training_args.do_train and picks_by_auc)
+    if unc_args.ensemble_dirs:  # before any training: members must share this run's split
+        check_ensemble_members(
+            unc_args.ensemble_paths(), split_molecules(data.dataset, data.split.indices()), output_dir
+        )
 
     # Tokenizer, config and a model factory (a search builds one model per trial)
-    tokenizer = load_tokenizer(model_args, data.frames["train"])
-    factory = ModelFactory.create(model_args, peft_args, tokenizer, data.frames["train"], training_args)
+    train_smiles = data.frames["train"]["canonical_smiles"].tolist()
+    augmenting = aug_args.augment_smiles > 0 or aug_args.tta > 0  # a built vocabulary covers random SMILES
+    tokenizer = load_tokenizer(
+        model_args,
+        data.frames["train"],
+        vocabulary_variants(train_smiles, training_args.seed, 1) if augmenting else (),
+    )
+    factory = ModelFactory.create(model_args, peft_args, tokenizer, data.frames["train"], training_args, task)
     # written once every check that can fail early has passed, so a refused run leaves no folder behind
     if is_main_process:
         save_split(
@@ -218,18 +252,30 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             extra=data.extra_report,
             columns=data.columns,
             data=data.record,
+            task=task.record(),
         )
     with training_args.main_process_first(desc="tokenisation"):
         tokenised = {
-            name: tokenise(frame, tokenizer, data_args.max_seq_length, lengths=name == "train")
+            name: tokenise(frame, tokenizer, data_args.max_seq_length, lengths=name == "train", task=task)
             for name, frame in data.frames.items()
         }
     collator = DataCollatorWithPadding(tokenizer)
+    train_dataset = tokenised["train"]
+    if aug_args.augment_smiles:  # items carry their SMILES, which the collator re-writes at random
+        train_dataset, collator = augment_training_set(
+            train_dataset,
+            train_smiles,
+            aug_args.augment_smiles,
+            collator,
+            tokenizer,
+            data_args.max_seq_length,
+        )
+        training_args.remove_unused_columns = False
 
     if search:
         return run_hp_search(
             factory,
-            tokenised,
+            {**tokenised, "train": train_dataset},
             tokenizer,
             collator,
             training_args,
@@ -242,6 +288,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             start=start,
             ray_address=run_args.ray_address,
             ray_resources_per_trial=run_args.ray_resources_per_trial,
+            compute_metrics=make_compute_metrics(task),
         )
 
     model = factory.build(output_dir=output_dir if is_main_process else None)
@@ -257,11 +304,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     trainer = RegressionTrainer(
         model=model,
         args=training_args,
-        train_dataset=tokenised["train"] if training_args.do_train else None,
+        train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=tokenised["validation"],
         processing_class=tokenizer,
         data_collator=collator,
-        compute_metrics=make_compute_metrics(),
+        compute_metrics=make_compute_metrics(task),
         callbacks=training_callbacks(run_args.early_stopping_patience),
     )
 
@@ -273,16 +320,33 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     if training_args.do_eval:
         metrics.update(evaluate_splits(trainer, tokenised))
     # predict() gathers across processes, so every rank runs it and only rank 0 writes
-    predictions = predict_splits(trainer, tokenised, data.frames)
-    unlabelled = predict_unlabelled(trainer, tokenizer, data_args) if data_args.predict_file else None
+    predictions = predict_splits(trainer, tokenised, data.frames, task)
+    unlabelled = predict_unlabelled(trainer, tokenizer, data_args, task) if data_args.predict_file else None
     if training_args.do_predict and not data_args.predict_file:
         logger.info("--do_predict without --predict_file: test-set predictions are in %s.", PREDICTIONS_FILE)
+    if training_args.do_predict and (aug_args.tta or unc_args.mc_dropout_samples or unc_args.ensemble_dirs):
+        predict_metrics = predict_with_uncertainty(
+            trainer.model,
+            tokenizer,
+            predictions,
+            unlabelled,
+            tta=aug_args.tta,
+            options=unc_args,
+            seed=training_args.seed,
+            batch_size=training_args.per_device_eval_batch_size,
+            max_length=data_args.max_seq_length,
+            output_dir=output_dir,
+            labels=None if task.is_legacy else np.asarray(dataset_labels(data.frames["test"], task), float),
+        )
+        trainer.log_metrics("predict", predict_metrics)
+        trainer.save_metrics("predict", predict_metrics, combined=False)
+        metrics.update(predict_metrics)
     metrics["train_wall_time_s"] = time.perf_counter() - start
 
     if trainer.is_world_process_zero():
-        write_outputs(trainer, tokenizer, metrics, predictions, unlabelled, options, data, all_args)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message="MoLFormer regression fine-tuning")
+        write_outputs(trainer, tokenizer, metrics, predictions, unlabelled, options, data, all_args, task)
+    if training_args.push_to_hub:  # config.json declares the problem type
+        trainer.push_to_hub(commit_message=f"MoLFormer {task.problem_type.replace('_', ' ')} fine-tuning")
     if trainer.is_world_process_zero():
         selection = run_args.selection_name or (
             Path(data_args.extra_train_file).stem if data.extra is not None else "none"
@@ -297,6 +361,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                 "split": data.split.method,
                 "test_rmse": metrics.get("test_rmse"),
                 "wall_time_s": metrics["train_wall_time_s"],
+                **done_fields(task, metrics),
             },
         )
         logger.info(
@@ -318,20 +383,20 @@ def write_outputs(
     options: dict[str, Any],
     data: PreparedData,
     all_args: tuple,
+    task: Task,
 ) -> None:
     """Every result file of a run (main process only), each written atomically."""
-    model_args, peft_args, data_args, run_args, training_args = all_args
+    model_args, peft_args, data_args, task_args, run_args, aug_args, unc_args, training_args = all_args
     output_dir = Path(training_args.output_dir)
-    write_predictions(predictions, output_dir, data.label_name)
+    write_predictions(predictions, output_dir, data.label_name, task)
     if unlabelled is not None:
         write_csv(output_dir / PREDICT_PREDICTIONS_FILE, unlabelled)
         logger.info("Wrote %d predictions for %s", len(unlabelled), data_args.predict_file)
     if training_args.do_train:
-        from molft import plots  # matplotlib is slow to import: only once results are written
-
-        plots.regression_loss_curves(
+        write_loss_curves(
             trainer.state.log_history,
             output_dir / LOSS_CURVES_FILE,
+            task,
             loss=model_args.loss,
             target_scaling=model_args.target_scaling,
             label_name=data.label_name,
@@ -346,7 +411,10 @@ def write_outputs(
         "model": model_args,
         "peft": peft_args,
         "data": data.resolved_options(data_args),
+        "task": {**vars(task_args), **task.record()},
         "run": run_args,
+        "augmentation": aug_args,
+        "uncertainty": unc_args,
         "training": training_args,
         "data_source": data.source,
         "split": {"method": data.split.method, "sizes": data.split.sizes},
@@ -363,6 +431,8 @@ def write_outputs(
         n_extra=metrics["n_extra_train"],
         label_name=data.label_name,
         base_model=publish_base_reference(trainer.model, output_dir),  # relative or a Hub id
+        problem_type=task.problem_type,
+        outputs=task.output_names,
     )
     write_text(output_dir / MODEL_CARD_FILE, trainer.model_card_text)
 

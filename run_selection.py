@@ -52,6 +52,7 @@ from molft.selection import (
     write_selection,
 )
 from molft.shift import shift_diagnostics
+from molft.tasks import require_single_target_regression
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     setup_logging(log_level(output_args.log_level))
     params = strategy_options(selection_args)
     data_args.use_model_split(model_args.model_name_or_path, required=False)
+    require_single_target_regression("run_selection.py", model_args.model_name_or_path, data_args.split_file)
     validate_arguments(selection_args, params, data_args, model_args, result_args)
     output_dir = prepare_output_dir(output_args.output_dir, output_args.overwrite_output_dir, "selection")
     started = time.perf_counter()

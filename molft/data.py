@@ -25,6 +25,26 @@ from molft.chem import check_standardize, n_components, parse_smiles, standardiz
 logger = logging.getLogger(__name__)
 
 LIPOPHILICITY_HUB_ID = "scikit-fingerprints/MoleculeNet_Lipophilicity"
+ESOL_HUB_ID = "scikit-fingerprints/MoleculeNet_ESOL"
+
+
+@dataclass(frozen=True)
+class EmbeddedDataset:
+    """A --dataset_name read from chemloader's copy, else from its Hub copy; `label_column`: the copy's
+    label, used unless one is named (ESOL's file also holds Delaney's model predictions: never guessed)."""
+
+    title: str
+    file_name: str
+    hub_id: str
+    label_column: str | None = None
+
+
+EMBEDDED_DATASETS = {
+    "lipophilicity": EmbeddedDataset("MoleculeNet Lipophilicity", "Lipophilicity.csv", LIPOPHILICITY_HUB_ID),
+    "esol": EmbeddedDataset(
+        "ESOL (Delaney)", "ci034243xsi20040112_053635.txt", ESOL_HUB_ID, "measured log(solubility:mol/L)"
+    ),
+}
 # Column names tried when none is given, in tiers of equal plausibility (matched case-insensitively): the
 # first tier with a match wins; two matches in one tier are ambiguous and an error.
 SMILES_CANDIDATES: tuple[tuple[str, ...], ...] = (
@@ -59,6 +79,7 @@ class RawData:
 
     frames: dict[str, pd.DataFrame]
     source: str
+    label_column: str | None = None  # the dataset's own label column, used unless one is named
 
     @property
     def is_presplit(self) -> bool:
@@ -66,24 +87,35 @@ class RawData:
 
 
 def embedded_lipophilicity_path() -> Path:
-    """Path of the Lipophilicity CSV shipped inside the `chemloader` package.
+    """Path of the Lipophilicity CSV shipped inside the `chemloader` package."""
+    return embedded_dataset_path("lipophilicity")
+
+
+def embedded_path(name: str) -> Path:
+    """The chemloader file of an `EMBEDDED_DATASETS` name (Lipophilicity's through its own function)."""
+    return embedded_lipophilicity_path() if name == "lipophilicity" else embedded_dataset_path(name)
+
+
+def embedded_dataset_path(name: str) -> Path:
+    """Path of a dataset file (`EMBEDDED_DATASETS`) shipped inside the `chemloader` package.
 
     Only the package location is looked up (no import), because importing chemloader pulls in heavy
     optional dependencies that the toolkit does not need.
     """
+    dataset = EMBEDDED_DATASETS[name]
     spec = importlib.util.find_spec("chemloader")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "The 'chemloader' package (which ships a copy of MoleculeNet Lipophilicity) is not installed; "
+            f"The 'chemloader' package (which ships a copy of {dataset.title}) is not installed; "
             "install it with `pip install chemloader` or pass --train_file/--dataset_name explicitly."
         )
     for location in spec.submodule_search_locations:
-        path = Path(location) / "datasets" / "_local" / "Lipophilicity.csv"
+        path = Path(location) / "datasets" / "_local" / dataset.file_name
         if path.is_file():
             return path
     raise FileNotFoundError(
         f"chemloader is installed at {list(spec.submodule_search_locations)} but has no "
-        "datasets/_local/Lipophilicity.csv; reinstall chemloader or pass the data file explicitly."
+        f"datasets/_local/{dataset.file_name}; reinstall chemloader or pass the data file explicitly."
     )
 
 
@@ -141,22 +173,26 @@ def load_raw_dataset(
         return RawData(frames=frames, source=f"files ({source})")
     if not dataset_name:
         raise ValueError("No data given: set dataset_name (e.g. 'lipophilicity') or train_file.")
-    if dataset_name.lower() == "lipophilicity":
-        return _load_lipophilicity(cache_dir)
+    if dataset_name.lower() in EMBEDDED_DATASETS:
+        return _load_embedded(dataset_name.lower(), cache_dir)
     return _load_hub_dataset(dataset_name, dataset_config_name, cache_dir)
 
 
-def _load_lipophilicity(cache_dir: str | os.PathLike | None) -> RawData:
+def _load_embedded(name: str, cache_dir: str | os.PathLike | None) -> RawData:
+    """chemloader's copy of an `EMBEDDED_DATASETS` dataset, else its Hub copy (which names its label 'label')."""
+    dataset = EMBEDDED_DATASETS[name]
     try:
-        path = embedded_lipophilicity_path()
+        path = embedded_path(name)
     except (ImportError, FileNotFoundError) as err:
         logger.warning(
-            "Embedded Lipophilicity copy unavailable (%s); falling back to the Hub dataset %s.",
+            "Embedded %s copy unavailable (%s); falling back to the Hub dataset %s.",
+            dataset.title,
             err,
-            LIPOPHILICITY_HUB_ID,
+            dataset.hub_id,
         )
-        return _load_hub_dataset(LIPOPHILICITY_HUB_ID, None, cache_dir)
-    return RawData(frames={"all": pd.read_csv(path)}, source=f"lipophilicity (chemloader copy at {path})")
+        return _load_hub_dataset(dataset.hub_id, None, cache_dir)
+    source = f"{name} (chemloader copy at {path})"
+    return RawData(frames={"all": pd.read_csv(path)}, source=source, label_column=dataset.label_column)
 
 
 def _load_hub_dataset(name: str, config: str | None, cache_dir: str | os.PathLike | None) -> RawData:

@@ -15,6 +15,10 @@ RUN_CONFIG_FILE = "run_config.json"
 RUN_OPTIONS_FILE = "run_options.yaml"
 LOSS_CURVES_FILE = "loss_curves.png"
 PARITY_PLOT_FILE = "parity_test.png"
+# several regression targets: one parity plot per target; classification: ROC curves and reliability diagram
+PARITY_TARGET_PLOT_FILE = "parity_test_{target}.png"
+ROC_CURVE_FILE = "roc_test.png"
+RELIABILITY_PLOT_FILE = "reliability_test.png"
 MODEL_CARD_FILE = "README.md"
 HP_SEARCH_FILE = "hp_search.json"
 BEST_CONFIG_FILE = "best_config.yaml"
@@ -37,6 +41,17 @@ INFLUENCE_MATRIX_FILE = "influence_matrix.npy"
 INFLUENCE_QUERIES_FILE = "influence_queries.csv"
 VALIDATION_CSV = "validation.csv"
 VALIDATION_MD = "validation.md"
+# run_influence.py --validate lds: the results, and the retrainings (shared between runs through --lds_dir)
+LDS_SUBSETS_FILE = "lds_subsets.csv"
+LDS_SUMMARY_FILE = "lds_summary.json"
+LDS_GROUPS_FILE = "lds_groups.csv"
+LDS_RETRAIN_DIR = "lds_retrains"
+LDS_PLAN_FILE = "lds_plan.json"
+# inside one retraining's folder: the molecules added, the options replayed, the log, run_regression's output
+LDS_EXTRA_FILE = "extra_train.csv"
+LDS_RETRAIN_OPTIONS_FILE = "retrain_options.yaml"
+LDS_RETRAIN_LOG = "log.txt"
+LDS_RUN_DIR = "run"
 
 # run_selection.py
 SELECTED_FILE = "selected.csv"

@@ -225,11 +225,12 @@ def run_hp_search(
     start: float,
     ray_address: str | None = None,
     ray_resources_per_trial: str | None = None,
+    compute_metrics: Any = None,
 ) -> dict[str, Any]:
     """Search hyperparameters on the validation split only and write best_config.yaml (a rerunnable config).
 
     `options` are the options the search was given; `split_file`, when set, pins best_config.yaml to the
-    very molecules the search used.
+    very molecules the search used. `compute_metrics` (default: one regression target's) must give eval_rmse.
     """
     output_dir = Path(training_args.output_dir)
     space = SearchSpace.from_yaml(space_path, factory.peft_options.peft)
@@ -251,7 +252,7 @@ def run_hp_search(
         eval_dataset=tokenised["validation"],  # the test split is never shown to the search
         processing_class=tokenizer,
         data_collator=collator,
-        compute_metrics=make_compute_metrics(),
+        compute_metrics=compute_metrics or make_compute_metrics(),
         callbacks=[*callbacks, objective],
     )
     backend_kwargs: dict[str, Any] = {}

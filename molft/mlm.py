@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rdkit import Chem
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -30,13 +29,12 @@ from transformers import (
 
 import modeling_molformer  # noqa: F401  (registers model_type "molformer" with the Auto classes)
 from molft.arguments import CheckpointArguments
+from molft.augment import draw_seed, randomised_smiles
 from molft.checkpoints import check_weights
 from molft.chem import STANDARDIZE_OPTIONS
 from tokenization_molformer import MolformerTokenizer
 
 logger = logging.getLogger(__name__)
-
-_MAX_SEED = 2**31 - 1
 
 
 @dataclass
@@ -174,21 +172,6 @@ class MlmDataArguments:
             )
 
 
-def randomised_smiles(smiles: Sequence[str], seed: int) -> list[str]:
-    """One random (non-canonical) SMILES per molecule: a new atom order and branch order per seed."""
-    variants = []
-    for offset, smi in enumerate(smiles):
-        mol = Chem.MolFromSmiles(smi)
-        if mol is None:  # cannot happen for RDKit canonical SMILES; keep the string rather than lose a row
-            variants.append(smi)
-            continue
-        # RDKit treats seed 0 as "unseeded", so seeds live in [1, 2**31 - 1)
-        variants.append(
-            Chem.MolToRandomSmilesVect(mol, 1, randomSeed=(seed + offset) % (_MAX_SEED - 1) + 1)[0]
-        )
-    return variants
-
-
 class EncodedSmiles(torch.utils.data.Dataset):
     """Tokenized canonical SMILES, plus what the collator needs to treat train and eval items differently.
 
@@ -252,8 +235,7 @@ class SmilesMlmCollator:
         features = [{"input_ids": example["input_ids"]} for example in examples]
         to_randomise = [i for i, example in enumerate(examples) if "smiles" in example]
         if to_randomise:
-            seed = int(torch.randint(1, _MAX_SEED, (1,)).item())
-            variants = randomised_smiles([examples[i]["smiles"] for i in to_randomise], seed)
+            variants = randomised_smiles([examples[i]["smiles"] for i in to_randomise], draw_seed())
             encoded = self.tokenizer(variants, truncation=True, max_length=self.max_seq_length)["input_ids"]
             for i, ids in zip(to_randomise, encoded, strict=True):
                 features[i] = {"input_ids": ids}

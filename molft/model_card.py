@@ -13,6 +13,7 @@ from typing import Any
 from molft.files import BASE_MODEL_DIR, MLM_DATA_SUMMARY_FILE
 
 _METRIC_ROWS = ("rmse", "mae", "r2", "pearson", "spearman", "median_ae", "mse")
+_CLASSIFICATION_ROWS = ("roc_auc", "pr_auc", "accuracy", "f1", "mcc", "loss")
 _ADAPTER_METHODS = ("lora", "ia3")
 # an absolute local path (POSIX or home-relative) inside a description: only its last part is published
 _ABSOLUTE_PATH = re.compile(r"(?:~|(?<![\w.-]))/(?:[^\s,()=/]+/)*([^\s,()=/]+)")
@@ -51,19 +52,23 @@ def regression_model_card(
     n_extra: int,
     label_name: str = "label",
     base_model: str | None = None,
+    problem_type: str = "regression",
+    outputs: list[str] | None = None,
 ) -> str:
     """Markdown with Hub metadata: what was trained on what, its metrics in label units, and how to load it.
 
     Publishable as it is: no local absolute path (files and local models appear by name), the base of an
     adapter (`base_model`: what adapter_config.json records) is stated, and the usage code runs anywhere
-    the package is installed.
+    the package is installed. `problem_type` (config.json declares it too) and `outputs` (the targets,
+    classes or labels) describe other tasks than one regression target.
     """
     checkpoint = model_args.model_name_or_path
     if checkpoint:
         start = checkpoint if is_hub_id(checkpoint) else f"the local model `{Path(checkpoint).name}`"
     else:
         start = f"a new model ({Path(model_args.config_name).name})"
-    tags = ["chemistry", "molformer", "regression", "smiles"]
+    classifier = problem_type != "regression"
+    tags = ["chemistry", "molformer", "classification" if classifier else "regression", "smiles"]
     if peft_method != "none":
         tags += ["peft", peft_method]
     lines = ["---", f"library_name: {'peft' if peft_method in _ADAPTER_METHODS else 'transformers'}"]
@@ -73,12 +78,17 @@ def regression_model_card(
         f"tags: [{', '.join(tags)}]",
         "---",
         "",
-        "# MoLFormer regression model",
+        f"# MoLFormer {'classification' if classifier else 'regression'} model",
         "",
         f"Fine-tuned from **{start}** with `run_regression.py` (fine-tuning method: **{peft_method}**; "
-        f"head: {model_args.regression_head}, pooling: {model_args.pooling}, loss: {model_args.loss}, "
-        f"target scaling: {model_args.target_scaling}). Predictions are in the label's own units "
-        f"({label_name}).",
+        f"head: {model_args.regression_head}, pooling: {model_args.pooling}, "
+        + (
+            f"problem type: `{problem_type}`). Outputs: one logit per entry of {outputs}; `predict` gives "
+            "their probabilities."
+            if classifier
+            else f"loss: {model_args.loss}, target scaling: {model_args.target_scaling}). Predictions are in the "
+            f"label's own units ({label_name})."
+        ),
     ]
     if peft_method in _ADAPTER_METHODS:
         lines += ["", f"Base model: {_base_statement(checkpoint, base_model)}"]
@@ -94,7 +104,7 @@ def regression_model_card(
             f"- External training molecules: {n_extra} from `{Path(extra_file).name}` (training split only)."
         )
     lines += ["", f"## Metrics ({label_name})", "", "| metric | validation | test |", "|---|---|---|"]
-    for name in _METRIC_ROWS:
+    for name in _CLASSIFICATION_ROWS if classifier else _METRIC_ROWS:
         val, test = metrics.get(f"eval_{name}"), metrics.get(f"test_{name}")
         if val is None and test is None:
             continue

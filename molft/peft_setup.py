@@ -138,12 +138,15 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_regression_checkpoint(path: str | Path, base_model: str | None = None, **model_kwargs) -> nn.Module:
+def load_regression_checkpoint(
+    path: str | Path, base_model: str | None = None, trainable: bool = False, **model_kwargs
+) -> nn.Module:
     """Load a full `MolformerForRegression` checkpoint, or a peft adapter on top of its base model.
 
     An adapter folder names its base in `adapter_config.json`; `base_model` overrides that path (e.g. when
     the run directory moved). The adapter folder's own config.json (head, pooling, target statistics) wins
     over the base's. Errors say which piece is missing, or which weight file is truncated or corrupt.
+    `trainable`: an adapter's parameters (and its head copy) are loaded trainable, to train it further.
     """
     import modeling_molformer_reg  # noqa: F401  registers the Auto classes
     from modeling_molformer_reg import MolformerForRegression
@@ -178,7 +181,7 @@ def load_regression_checkpoint(path: str | Path, base_model: str | None = None, 
     if (path / "config.json").is_file():
         model_kwargs.setdefault("config", MolformerConfig.from_pretrained(path))
     model = MolformerForRegression.from_pretrained(base, **model_kwargs)
-    return PeftModel.from_pretrained(model, path)
+    return PeftModel.from_pretrained(model, path, is_trainable=trainable)
 
 
 def _find_base_model(adapter_dir: Path, recorded: str | None) -> str:

@@ -123,17 +123,17 @@ def missing_dataset(name: str | None, cache_dir: str | None, online: bool) -> st
 
 
 def hub_dataset(dataset_name: str | None, local_files: bool) -> str | None:
-    """The Hub dataset a run will download: None for local files and for the embedded Lipophilicity copy."""
-    from molft.data import LIPOPHILICITY_HUB_ID, embedded_lipophilicity_path
+    """The Hub dataset a run will download: None for local files and for embedded copies (Lipophilicity, ESOL)."""
+    from molft.data import EMBEDDED_DATASETS, embedded_path
 
     if local_files or not dataset_name:
         return None
-    if dataset_name.lower() != "lipophilicity":
+    if dataset_name.lower() not in EMBEDDED_DATASETS:
         return dataset_name
     try:
-        embedded_lipophilicity_path()
+        embedded_path(dataset_name.lower())
     except (ImportError, FileNotFoundError):
-        return LIPOPHILICITY_HUB_ID  # what molft.data falls back to
+        return EMBEDDED_DATASETS[dataset_name.lower()].hub_id  # what molft.data falls back to
     return None
 
 

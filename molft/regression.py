@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,12 @@ from molft.data import SMILES_CANDIDATES, find_column, prepare_molecules, read_t
 from molft.files import BASE_MODEL_DIR, PARITY_PLOT_FILE, PREDICTIONS_FILE
 from molft.hp_search import CONFIG_HYPERPARAMETERS
 from molft.io import write_csv
+from molft.labels import dataset_labels
 from molft.peft_setup import PeftOptions, apply_peft, is_adapter_checkpoint, load_regression_checkpoint
 from molft.run_data import RegressionDataArguments
 from molft.splits import SPLIT_NAMES
+from molft.task_outputs import prediction_columns, write_test_figures
+from molft.tasks import Task, check_checkpoint_task, configure_config
 from tokenization_molformer import MolformerTokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,15 +83,29 @@ class RegressionModelArguments(CheckpointArguments):
             "feature maps, so redrawing would make saved adapters irreproducible)."
         },
     )
+    continue_training: bool = field(
+        default=False,
+        metadata={
+            "help": "With --model_name_or_path a run_regression.py output: train it further with its own method "
+            "(a LoRA/IA3 adapter stays trainable, --peft bitfit keeps the encoder weights frozen; default: a "
+            "saved adapter cannot be trained and --peft is ignored). run_influence.py --validate lds "
+            "--lds_retrain warm uses it."
+        },
+    )
 
 
 def tokenise(
-    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int, lengths: bool = False
+    frame: pd.DataFrame,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    lengths: bool = False,
+    task: Task | None = None,
 ) -> datasets.Dataset:
     """Token ids without padding (the collator pads each batch) plus labels and optional loss weights.
 
     `lengths`: add the `length` column that length-grouped batching reads (training sets only; the Trainer
-    logs every column the model does not take, at every evaluation).
+    logs every column the model does not take, at every evaluation). `task`: the labels of other tasks than
+    one regression target (molft.tasks).
     """
     encoded = tokenizer(frame["canonical_smiles"].tolist(), truncation=True, max_length=max_length)
     columns: dict[str, list] = {
@@ -97,7 +114,10 @@ def tokenise(
     }
     if lengths:
         columns["length"] = [len(ids) for ids in encoded["input_ids"]]
-    if "label" in frame:
+    labels = None if task is None or task.is_legacy else dataset_labels(frame, task)
+    if labels is not None:
+        columns["labels"] = labels
+    elif "label" in frame:
         columns["labels"] = frame["label"].astype(np.float32).tolist()
     if "sample_weight" in frame:
         columns["sample_weight"] = frame["sample_weight"].astype(np.float32).tolist()
@@ -105,16 +125,20 @@ def tokenise(
 
 
 def load_tokenizer(
-    model_args: CheckpointArguments, train_frame: pd.DataFrame | None
+    model_args: CheckpointArguments, train_frame: pd.DataFrame | None, extra_smiles: Sequence[str] = ()
 ) -> PreTrainedTokenizerBase:
-    """The given tokenizer or the checkpoint's; for a new model without one, built from the training SMILES."""
+    """The given tokenizer or the checkpoint's; for a new model without one, built from the training SMILES.
+
+    `extra_smiles` join a built vocabulary's corpus (random SMILES of the training molecules, see
+    molft.augment.vocabulary_variants), so augmented inputs are no <unk>.
+    """
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name:
         return AutoTokenizer.from_pretrained(
             name, cache_dir=model_args.cache_dir, revision=model_args.model_revision
         )
     logger.info("No tokenizer given: building a vocabulary from the %d training SMILES.", len(train_frame))
-    return MolformerTokenizer.from_smiles(train_frame["canonical_smiles"])
+    return MolformerTokenizer.from_smiles([*train_frame["canonical_smiles"], *extra_smiles])
 
 
 def target_statistics(
@@ -151,8 +175,10 @@ def build_config(
     peft_method: str,
     tokenizer: PreTrainedTokenizerBase,
     train_frame: pd.DataFrame,
+    task: Task | None = None,
 ) -> MolformerConfig:
-    """The model config: architecture from the checkpoint or --config_name, head and scaling from the flags."""
+    """The model config: architecture from the checkpoint or --config_name, head and scaling from the flags,
+    problem type and outputs from `task` (default: one regression target)."""
     if model_args.model_name_or_path:
         config = AutoConfig.from_pretrained(
             model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision
@@ -176,6 +202,15 @@ def build_config(
         if getattr(model_args, name) is not None:
             setattr(config, name, getattr(model_args, name))
     if is_regression_checkpoint(config, model_args.model_name_or_path):
+        if task is not None:
+            check_checkpoint_task(config, task, model_args.model_name_or_path)
+        if task is not None and not task.is_legacy:
+            logger.info(
+                "%s is a fine-tuned %s model: keeping its head.",
+                model_args.model_name_or_path,
+                task.problem_type,
+            )
+            return config
         logger.info(
             "%s is a fine-tuned regression model: keeping its head (%s), pooling and target statistics "
             "(mean %.4g, std %.4g).",
@@ -191,6 +226,11 @@ def build_config(
     config.huber_delta = model_args.huber_delta
     redraw = model_args.feature_map_redraw or ("never" if peft_method in ("lora", "ia3") else "train")
     config.feature_map_redraw = redraw
+    if task is not None and not task.is_legacy:
+        configure_config(config, task, train_frame, model_args.target_scaling)
+        config._validate_molformer()
+        return config
+    config.problem_type = "regression"
     weights = train_frame["sample_weight"].to_numpy() if "sample_weight" in train_frame else None
     config.target_mean, config.target_std = target_statistics(
         train_frame["label"].to_numpy(), model_args.target_scaling, weights
@@ -216,6 +256,7 @@ class ModelFactory:
     finetuned: bool  # the checkpoint is a run_regression.py output: load it as saved, apply no new PEFT
     gradient_checkpointing: bool = False
     revision: str = "main"
+    continue_training: bool = False  # a fine-tuned checkpoint is trained further with its own method
 
     @classmethod
     def create(
@@ -225,15 +266,22 @@ class ModelFactory:
         tokenizer: PreTrainedTokenizerBase,
         train_frame: pd.DataFrame,
         training_args: TrainingArguments,
+        task: Task | None = None,
     ) -> ModelFactory:
-        config = build_config(model_args, peft_options.peft, tokenizer, train_frame)
+        config = build_config(model_args, peft_options.peft, tokenizer, train_frame, task)
         finetuned = is_regression_checkpoint(config, model_args.model_name_or_path)
         checkpoint = model_args.model_name_or_path
         check_weights(checkpoint)  # a corrupt file is named, and before any output is written
-        if finetuned and checkpoint and is_adapter_checkpoint(checkpoint) and training_args.do_train:
+        adapter = finetuned and checkpoint and is_adapter_checkpoint(checkpoint)
+        if adapter and training_args.do_train and not model_args.continue_training:
             raise ValueError(
                 f"{checkpoint} holds a trained adapter: it can be evaluated and used for prediction "
-                "(drop --do_train), or resumed by rerunning its own run with the same --output_dir."
+                "(drop --do_train), resumed by rerunning its own run with the same --output_dir, or "
+                "trained further with --continue_training."
+            )
+        if model_args.continue_training and not finetuned:
+            logger.warning(
+                "--continue_training has no effect: %s is not a run_regression.py output.", checkpoint
             )
         if not finetuned and not training_args.do_train:
             logger.warning(
@@ -253,6 +301,7 @@ class ModelFactory:
             finetuned,
             bool(training_args.gradient_checkpointing),
             model_args.model_revision,
+            model_args.continue_training,
         )
 
     def build(
@@ -261,11 +310,20 @@ class ModelFactory:
         """A new model; `overrides` are trial hyperparameters, `output_dir` receives an adapter's base model."""
         overrides = dict(overrides or {})
         if self.finetuned:
-            if self.peft_options.peft != "none":
+            adapter = is_adapter_checkpoint(self.checkpoint)
+            model = load_regression_checkpoint(
+                self.checkpoint,
+                config=self.config,
+                cache_dir=self.cache_dir,
+                trainable=self.continue_training,
+            )
+            if self.continue_training and not adapter and self.peft_options.peft == "bitfit":
+                return apply_peft(model, self.peft_options)  # a BitFit run goes on training biases + head
+            if self.peft_options.peft != "none" and not (self.continue_training and adapter):
                 logger.warning(
                     "--peft %s ignored: %s is already fine-tuned.", self.peft_options.peft, self.checkpoint
                 )
-            return load_regression_checkpoint(self.checkpoint, config=self.config, cache_dir=self.cache_dir)
+            return model
         config = copy.deepcopy(self.config)
         for name in CONFIG_HYPERPARAMETERS:
             if name in overrides:
@@ -315,19 +373,26 @@ def cap_splits(frames: dict[str, pd.DataFrame], caps: Mapping[str, int | None]) 
 
 
 def predict_splits(
-    trainer: Trainer, tokenised: dict[str, datasets.Dataset], frames: dict[str, pd.DataFrame]
+    trainer: Trainer,
+    tokenised: dict[str, datasets.Dataset],
+    frames: dict[str, pd.DataFrame],
+    task: Task | None = None,
 ) -> pd.DataFrame:
-    """Predictions in label units for every molecule of every split."""
+    """Predictions in label units (classification: probabilities) for every molecule of every split."""
     rows = []
     for name in SPLIT_NAMES:
         output = trainer.predict(tokenised[name], metric_key_prefix=f"predict_{name}")
         frame = frames[name]
+        values = np.asarray(output.predictions, dtype=np.float64)
+        if task is None or task.is_legacy:
+            outputs = {"label": frame["label"], "prediction": values.reshape(-1)}
+        else:
+            outputs = prediction_columns(values, task, frame)
         part = pd.DataFrame(
             {
                 "smiles": frame["smiles"],
                 "canonical_smiles": frame["canonical_smiles"],
-                "label": frame["label"],
-                "prediction": np.asarray(output.predictions, dtype=np.float64).reshape(-1),
+                **outputs,
                 "split": name,
                 "source": frame["source"],
                 "row": frame["row"],
@@ -339,19 +404,28 @@ def predict_splits(
     return pd.concat(rows, ignore_index=True)
 
 
-def write_predictions(predictions: pd.DataFrame, output_dir: Path, label_name: str | None = None) -> None:
-    """predictions.csv and the test set's parity plot (axes in `label_name`, e.g. logD)."""
+def write_predictions(
+    predictions: pd.DataFrame, output_dir: Path, label_name: str | None = None, task: Task | None = None
+) -> None:
+    """predictions.csv and the test set's parity plot (axes in `label_name`, e.g. logD); other tasks'
+    figures: molft.task_outputs."""
     from molft import plots  # matplotlib is slow to import: only once results are written
 
     write_csv(output_dir / PREDICTIONS_FILE, predictions)
     test = predictions[predictions["split"] == "test"]
+    if task is not None and not task.is_legacy:
+        write_test_figures(test, output_dir, task)
+        return
     plots.parity_plot(
         test["label"], test["prediction"], output_dir / PARITY_PLOT_FILE, title="Test set", unit=label_name
     )
 
 
 def predict_unlabelled(
-    trainer: Trainer, tokenizer: PreTrainedTokenizerBase, data_args: RegressionDataArguments
+    trainer: Trainer,
+    tokenizer: PreTrainedTokenizerBase,
+    data_args: RegressionDataArguments,
+    task: Task | None = None,
 ) -> pd.DataFrame:
     """Predictions for the SMILES of --predict_file; rows with invalid SMILES are reported and left out."""
     table = read_table(data_args.predict_file)
@@ -368,13 +442,17 @@ def predict_unlabelled(
         standardize=data_args.standardize,
     )
     dataset = tokenise(molecules, tokenizer, data_args.max_seq_length)
-    output = trainer.predict(dataset, metric_key_prefix="predict")
+    values = np.asarray(trainer.predict(dataset, metric_key_prefix="predict").predictions, dtype=np.float64)
+    if task is None or task.is_legacy:
+        outputs = {"prediction": values.reshape(-1)}
+    else:
+        outputs = prediction_columns(values, task)
     return pd.DataFrame(
         {
             "row": molecules["row"],
             "smiles": molecules["smiles"],
             "canonical_smiles": molecules["canonical_smiles"],
-            "prediction": np.asarray(output.predictions, dtype=np.float64).reshape(-1),
+            **outputs,
         }
     )
 

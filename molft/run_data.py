@@ -21,17 +21,10 @@ import numpy as np
 import pandas as pd
 
 from molft.chem import STANDARDIZE_OPTIONS, check_standardize
-from molft.data import (
-    LABEL_CANDIDATES,
-    SMILES_CANDIDATES,
-    drop_overlap,
-    find_column,
-    load_raw_dataset,
-    prepare_molecules,
-    read_table,
-)
+from molft.data import drop_overlap, load_raw_dataset, read_table
 from molft.files import SPLIT_FILE
 from molft.io import read_json
+from molft.labels import encode_labels, prepare_extra, prepare_frame
 from molft.run_record import (
     FILE_OPTIONS,
     SOURCE_OPTIONS,
@@ -40,6 +33,7 @@ from molft.run_record import (
     recorded_data_options,
 )
 from molft.splits import SPLIT_NAMES, SplitResult, load_split, make_split, split_frames
+from molft.tasks import Task, split_params
 from molft.weights import WEIGHT_MAPPINGS, map_weights
 
 logger = logging.getLogger(__name__)
@@ -74,9 +68,9 @@ class RegressionDataArguments:
     dataset_name: str | None = field(
         default="lipophilicity",
         metadata={
-            "help": "'lipophilicity' (the copy embedded in the chemloader package; falls back to the Hub "
-            "dataset scikit-fingerprints/MoleculeNet_Lipophilicity) or any Hub dataset id. Ignored when "
-            "--train_file is given."
+            "help": "'lipophilicity' or 'esol' (the copies embedded in the chemloader package; each falls back "
+            "to its Hub copy, scikit-fingerprints/MoleculeNet_Lipophilicity or _ESOL) or any Hub dataset id. "
+            "Ignored when --train_file is given."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
@@ -91,7 +85,8 @@ class RegressionDataArguments:
         default=None, metadata={"help": "SMILES column (default: found by name)."}
     )
     label_column: str | None = field(
-        default=None, metadata={"help": "Label column (default: found by name)."}
+        default=None,
+        metadata={"help": "Label column (default: found by name); 'a,b,c': one output per column."},
     )
     strict_smiles: bool = field(
         default=False, metadata={"help": "Error on invalid SMILES instead of dropping them."}
@@ -127,7 +122,9 @@ class RegressionDataArguments:
     extra_smiles_column: str | None = field(
         default=None, metadata={"help": "SMILES column of the extra file."}
     )
-    extra_label_column: str | None = field(default=None, metadata={"help": "Label column of the extra file."})
+    extra_label_column: str | None = field(
+        default=None, metadata={"help": "Label column(s) of the extra file (default: the dataset's)."}
+    )
     keep_extra_overlap: bool = field(
         default=False,
         metadata={
@@ -288,10 +285,10 @@ class PreparedData:
 
     @property
     def label_name(self) -> str:
-        """What the label is, for plots and cards: logD for Lipophilicity, else the label column's name."""
-        if "lipophilicity" in str(self.record.get("dataset_name") or "").lower():
-            return "logD"
-        return self.columns.get("label_column") or "label"
+        """What the label is, for plots and cards: logD for Lipophilicity, logS for ESOL, else the label column."""
+        name = str(self.record.get("dataset_name") or "").lower()
+        known = [unit for key, unit in (("lipophilicity", "logD"), ("esol", "logS")) if key in name]
+        return known[0] if known else self.columns.get("label_column") or "label"
 
     def resolved_options(self, data_args: RegressionDataArguments) -> dict[str, Any]:
         """The run's data options for run_config.json, with the columns actually used (not the flags)."""
@@ -299,13 +296,13 @@ class PreparedData:
 
 
 def load_dataset(
-    options: DatasetOptions, keep_columns: Sequence[str] = ()
+    options: DatasetOptions, keep_columns: Sequence[str] = (), task: Task | None = None
 ) -> tuple[pd.DataFrame, SplitResult | None, str, dict[str, str | None]]:
     """The prepared dataset (every SMILES and label checked), where the data came from, and its columns.
 
     Data that come already split are concatenated in train, validation, test order and returned with
     that predefined split; otherwise the split is None (the caller makes or loads one). The columns are
-    the ones found (None where the parts of pre-split data name them differently).
+    the ones found (None where the parts of pre-split data name them differently). `task`: molft.tasks.
     """
     raw = load_raw_dataset(
         None if options.train_file else options.dataset_name,
@@ -314,22 +311,23 @@ def load_dataset(
         test_file=options.test_file,
         dataset_config_name=options.dataset_config_name,
     )
-    prepared, found = {}, {"smiles_column": set(), "label_column": set()}
+    prepared, found, sources = {}, {"smiles_column": set(), "label_column": set()}, {}
     for name, frame in raw.frames.items():
-        source = f"{raw.source} [{name}]"
-        smiles_col = find_column(frame, options.smiles_column, SMILES_CANDIDATES, "SMILES", source)
-        label_col = find_column(frame, options.label_column, LABEL_CANDIDATES, "label", source)
-        found["smiles_column"].add(smiles_col)
-        found["label_column"].add(label_col)
-        prepared[name] = prepare_molecules(
+        sources[name] = f"{raw.source} [{name}]"
+        prepared[name], smiles_col, label_cols = prepare_frame(
             frame,
-            smiles_col,
-            label_col,
-            source=source,
+            task,
+            source=sources[name],
+            smiles_option=options.smiles_column,
+            label_option=options.label_column,
+            default_label=raw.label_column,
             strict=bool(options.strict_smiles),
             keep_columns=keep_columns,
             standardize=options.standardize,
         )
+        found["smiles_column"].add(smiles_col)
+        found["label_column"].add(",".join(label_cols))
+    prepared = encode_labels(prepared, task, label_cols, sources)
     columns = {key: next(iter(names)) if len(names) == 1 else None for key, names in found.items()}
     if not raw.is_presplit:
         return prepared["all"], None, raw.source, columns
@@ -350,9 +348,11 @@ def load_dataset(
     return dataset, split, raw.source, columns
 
 
-def prepare_data(data_args: RegressionDataArguments, reuse_split: Path | None = None) -> PreparedData:
+def prepare_data(
+    data_args: RegressionDataArguments, reuse_split: Path | None = None, task: Task | None = None
+) -> PreparedData:
     """Load, check and split the dataset, then add external molecules to the training split."""
-    dataset, split, source, columns = load_and_split(data_args, reuse_split)
+    dataset, split, source, columns = load_and_split(data_args, reuse_split, task)
     frames = split_frames(dataset, split)
     for name, frame in frames.items():
         if frame.empty:
@@ -364,7 +364,7 @@ def prepare_data(data_args: RegressionDataArguments, reuse_split: Path | None = 
     report_cross_split_duplicates(frames)
     extra, extra_report = None, {}
     if data_args.extra_train_file:
-        extra, extra_report = load_extra(data_args, frames)
+        extra, extra_report = load_extra(data_args, frames, task)
         frames["train"] = pd.concat([frames["train"], extra], ignore_index=True)
     if data_args.max_train_samples is not None:
         frames["train"] = frames["train"].iloc[: data_args.max_train_samples].reset_index(drop=True)
@@ -373,11 +373,11 @@ def prepare_data(data_args: RegressionDataArguments, reuse_split: Path | None = 
 
 
 def load_and_split(
-    data_args: RegressionDataArguments, reuse_split: Path | None
+    data_args: RegressionDataArguments, reuse_split: Path | None, task: Task | None = None
 ) -> tuple[pd.DataFrame, SplitResult, str, dict[str, str | None]]:
     """The prepared dataset (all molecules, checked), its split, where the data came from, its columns."""
     keep = [data_args.split_column] if data_args.split_column else []
-    dataset, presplit, source, columns = load_dataset(data_args, keep_columns=keep)
+    dataset, presplit, source, columns = load_dataset(data_args, keep_columns=keep, task=task)
     if presplit is not None:
         if data_args.split_file:
             logger.warning("--split_file is ignored: the data come already split (%s).", source)
@@ -402,7 +402,8 @@ def load_and_split(
             raise ValueError(
                 f"--split_fractions wants 'train,validation,test', got {data_args.split_fractions!r}."
             ) from err
-        split = make_split(dataset, data_args.split, fractions=fractions, seed=data_args.split_seed)
+        params = split_params(task, data_args.split)
+        split = make_split(dataset, data_args.split, fractions=fractions, seed=data_args.split_seed, **params)
     return dataset, split, source, columns
 
 
@@ -427,19 +428,18 @@ def report_cross_split_duplicates(frames: dict[str, pd.DataFrame]) -> None:
 
 
 def load_extra(
-    data_args: RegressionDataArguments, frames: dict[str, pd.DataFrame]
+    data_args: RegressionDataArguments, frames: dict[str, pd.DataFrame], task: Task | None = None
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """External molecules for the training split: checked, de-duplicated against held-out splits, weighted."""
     path = data_args.extra_train_file
     table = read_table(path)
-    smiles_col = find_column(table, data_args.extra_smiles_column, SMILES_CANDIDATES, "SMILES", path)
-    label_col = find_column(table, data_args.extra_label_column, LABEL_CANDIDATES, "label", path)
     keep = [data_args.extra_train_weights] if data_args.extra_train_weights else []
-    extra = prepare_molecules(
+    extra = prepare_extra(
         table,
-        smiles_col,
-        label_col,
+        task,
         source=path,
+        smiles_option=data_args.extra_smiles_column,
+        label_option=data_args.extra_label_column,
         strict=data_args.strict_smiles,
         keep_columns=keep,
         standardize=data_args.standardize,

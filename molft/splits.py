@@ -192,11 +192,17 @@ def _scaffold_split(df: pd.DataFrame, sizes: tuple[int, int, int], seed: int, ba
     return _assign_groups(groups, {"train": sizes[0], "validation": sizes[1]}, overflow="test")
 
 
-def _stratified_split(df: pd.DataFrame, sizes: tuple[int, int, int], seed: int, n_bins: int) -> tuple:
-    """Stratify on label quantile bins so every split covers the whole label range in the same proportions."""
+def _stratified_split(
+    df: pd.DataFrame, sizes: tuple[int, int, int], seed: int, n_bins: int, by_class: bool
+) -> tuple:
+    """Stratify on label quantile bins so every split covers the whole label range in the same proportions;
+    `by_class`: on the classes themselves (a classification label), so every split has each class's share."""
     if "label" not in df:
         raise ValueError("The stratified split needs a 'label' column.")
-    bins = pd.qcut(df["label"].to_numpy(dtype=np.float64), q=n_bins, labels=False, duplicates="drop")
+    if by_class:
+        bins = df["label"].to_numpy()
+    else:
+        bins = pd.qcut(df["label"].to_numpy(dtype=np.float64), q=n_bins, labels=False, duplicates="drop")
     positions = np.arange(len(df))
     n_train, n_validation, n_test = sizes
     try:
@@ -208,8 +214,9 @@ def _stratified_split(df: pd.DataFrame, sizes: tuple[int, int, int], seed: int, 
         )
     except ValueError as err:
         raise ValueError(
-            f"Stratified split with n_bins={n_bins} failed for {len(df)} molecules ({err}); use fewer bins "
-            "or larger validation/test fractions."
+            f"Stratified split with {'classes' if by_class else f'n_bins={n_bins}'} failed for {len(df)} "
+            f"molecules ({err}); use {'another split' if by_class else 'fewer bins'} or larger validation/test "
+            "fractions."
         ) from err
     return np.sort(train), np.sort(validation), np.sort(test)
 
@@ -344,7 +351,7 @@ def _predefined_split(df: pd.DataFrame, split_column: str | None, split_file: st
 SPLIT_METHODS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "random": (_random_split, {}),
     "scaffold": (_scaffold_split, {"balanced": False}),
-    "stratified": (_stratified_split, {"n_bins": 10}),
+    "stratified": (_stratified_split, {"n_bins": 10, "by_class": False}),
     "predefined": (_predefined_split, {"split_column": None, "split_file": None}),
     "butina": (_butina_split, {"cutoff": 0.6}),
     "maxmin": (_maxmin_split, {}),
@@ -380,13 +387,15 @@ def save_split(
     standardize: str | None = None,
     columns: dict[str, str | None] | None = None,
     data: dict[str, Any] | None = None,
+    task: dict[str, Any] | None = None,
 ) -> None:
     """Write split.json: indices, molecules, parameters and the fingerprint of the dataset it belongs to.
 
     `similarity` is `split_similarity(df, split)` when the caller has it already (it is computed otherwise).
     `standardize` (default: `df.attrs`, set by `prepare_molecules`), `columns` (the SMILES/label columns
     used, {"smiles_column": ..., "label_column": ...}) and `data` (where the data came from, with file
-    hashes: `molft.run_record.data_record`) are recorded, so a reader can rebuild the data from this file.
+    hashes: `molft.run_record.data_record`) are recorded, so a reader can rebuild the data from this file;
+    `task` (`molft.tasks.Task.record`) says what the labels are.
     """
     smiles = df["canonical_smiles"].tolist()
     sizes = split.sizes
@@ -409,6 +418,8 @@ def save_split(
         "columns": columns,
         "data": data,
     }
+    if task is not None:
+        record["task"] = task
     write_json(path, record)
 
 

@@ -110,10 +110,13 @@ def configure_training(
     early_stopping_patience: int,
     auto_mixed_precision: bool,
     search: bool = False,
+    best_metric: str = "rmse",
 ) -> None:
     """Defaults this task needs: epoch-wise evaluation, best-by-validation-RMSE checkpoint, length grouping.
 
-    `search`: the run is a hyperparameter search, whose trials keep no checkpoint.
+    `search`: the run is a hyperparameter search, whose trials keep no checkpoint. `best_metric`: the
+    validation metric that picks the best checkpoint unless one is given, lower-is-better "rmse" or a
+    higher-is-better one (a classifier's "roc_auc").
     """
     if length_grouping:
         training_args.train_sampling_strategy = "group_by_length"
@@ -124,9 +127,14 @@ def configure_training(
         if training_args.eval_strategy == IntervalStrategy.NO:
             logger.info("Early stopping needs evaluations: evaluating every epoch.")
             training_args.eval_strategy = IntervalStrategy.EPOCH
-        if training_args.metric_for_best_model in (None, "loss", "eval_loss"):
-            training_args.metric_for_best_model = "eval_rmse"
-            training_args.greater_is_better = False
+        # a classifier keeps an --metric_for_best_model eval_loss that was asked for ("loss" is transformers')
+        if training_args.metric_for_best_model in (
+            None,
+            "loss",
+            "eval_loss" if best_metric == "rmse" else None,
+        ):
+            training_args.metric_for_best_model = f"eval_{best_metric}"
+            training_args.greater_is_better = best_metric != "rmse"
         training_args.load_best_model_at_end = True
         # the best checkpoint can only be restored if one is saved at every evaluation
         if training_args.save_strategy != training_args.eval_strategy:

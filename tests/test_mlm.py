@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from molft import mlm_corpus
 from molft.arguments import DEFAULT_MODEL
+from molft.augment import randomised_smiles
 from molft.chem import canonical_smiles
 from molft.cli import parse_args
 from molft.mlm import (
@@ -22,7 +23,6 @@ from molft.mlm import (
     encode_smiles,
     mlm_collator,
     plot_loss_curve,
-    randomised_smiles,
 )
 from molft.mlm_corpus import prepare_corpus
 from tokenization_molformer import MolformerTokenizer

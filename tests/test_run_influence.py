@@ -28,6 +28,9 @@ from molft.files import (
     INFLUENCE_QUERIES_FILE,
     INFLUENCE_SCORES_FILE,
     INFLUENCE_SUMMARY_FILE,
+    LDS_RETRAIN_DIR,
+    LDS_SUBSETS_FILE,
+    LDS_SUMMARY_FILE,
     SPLIT_FILE,
     VALIDATION_CSV,
     VALIDATION_MD,
@@ -274,12 +277,50 @@ def test_validate_compares_estimators_with_exact_and_retraining(runs):
     assert [row["estimator"] for row in summary["validation"]] == list(table.index)
 
 
+def test_validate_lds_retrains_the_run_by_subprocess(runs):
+    """`python run_influence.py ... --validate lds`: 3 subsets, each a 1-step warm run_regression.py subprocess."""
+    output_dir = runs.tmp / "lds"
+    command = [
+        sys.executable, "run_influence.py", "--model_name_or_path", str(runs.full),
+        "--external_file", str(runs.pool_file), "--output_dir", str(output_dir), "--estimator", "gradient_dot",
+        "--validate", "lds", "--validate_estimators", "exact,gradient_dot", "--lds_subsets", "3",
+        "--lds_warm_steps", "1", "--lds_noise", "false", "--lds_group_k", "0", *QUIET, *FAST,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table, summary = pd.read_csv(output_dir / LDS_SUBSETS_FILE), read_json(output_dir / LDS_SUMMARY_FILE)
+    members = [[int(i) for i in row.split()] for row in table["members"]]  # pool ids
+    size = round(len(runs.scored) / 2)
+    assert len(table) == 3 and all(len(ids) == size and set(ids) <= set(runs.scored) for ids in members)
+    assert (summary["retrain"], summary["warm_steps"], summary["subsets"], summary["retrain_seeds"]) == (
+        "warm", 1, 3, [42],
+    )  # fmt: skip
+    reference = summary["reference_loss"]["42"]
+    np.testing.assert_allclose(table["change_seed42"], table["loss_seed42"] - reference)
+    assert np.isfinite(table["loss_seed42"]).all() and summary["noise_ceiling"] is None
+    assert set(summary["estimators"]) == {"gradient_dot@head", "exact@head"}
+    scores = read_scores(output_dir).set_index("index")["score"]
+    np.testing.assert_allclose(table["pred_gradient_dot@head"], [scores.loc[ids].sum() for ids in members])
+    assert summary["query"]["split"] == "validation" and summary["query"]["size"] == N_QUERY
+    assert reference == pytest.approx(summary["original_loss"], rel=0.05)  # one step on from the run itself
+    retrains = output_dir / LDS_RETRAIN_DIR / "seed42"
+    assert sorted(p.name for p in retrains.iterdir()) == ["reference", "subset000", "subset001", "subset002"]
+    assert all((folder / DONE_MARKER).is_file() for folder in retrains.iterdir())
+    options = yaml.safe_load((retrains / "subset000" / "retrain_options.yaml").read_text())
+    assert options["continue_training"] is True and options["max_steps"] == 1
+    assert options["model_name_or_path"] == str(runs.full.resolve())
+    assert not list(retrains.glob("*/run/*.safetensors"))  # weights removed once measured
+    assert read_json(output_dir / INFLUENCE_SUMMARY_FILE)["lds"]["estimators"] == summary["estimators"]
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         run_influence.main(["--help"])
     help_text = capsys.readouterr().out
     for option in ("--estimator", "--scope", "--damping", "--lissa_scale", "--lissa_depth", "--cg_tol",
-                   "--query_split", "--per_query", "--validate", "--curvature"):  # fmt: skip
+                   "--query_split", "--per_query", "--validate", "--curvature", "--lds_subsets",
+                   "--lds_retrain", "--lds_shard"):  # fmt: skip
         assert option in help_text
 
 

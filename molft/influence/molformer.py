@@ -4,14 +4,16 @@ The estimators (`molft.influence`) know a model only through an `InfluenceProble
 parameters, a forward and a per-sample loss. This module builds that problem for a fine-tuned
 run_regression.py model (full or PEFT adapter), as kronfluence's `Task` separates the user's model from
 its algorithms: the checkpoint check, the training loss in normalised target units, the regression head
-on pooled embeddings, the Gauss-Newton linearisation, the embeddings and batches, and TracIn checkpoints.
+on pooled embeddings, the Gauss-Newton linearisation, the layout layerwise per-sample gradients read
+the model in, the embeddings and batches, and TracIn checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,10 @@ from molft.cli import parse_list
 from molft.files import RUN_CONFIG_FILE, TRAINER_STATE_FILE
 from molft.influence.api import HESSIAN_ESTIMATORS
 from molft.influence.features import feature_batch_size, feature_batches
+from molft.influence.per_sample import LayerwiseProblem, LayoutFactory, PackedRows
 from molft.influence.problem import BoundForward, InfluenceProblem, default_forward, squared_error_loss
 from molft.influence.scope import select_parameters
-from molft.model_utils import embed_batches, smiles_batches, unwrap_peft
+from molft.model_utils import embed_batches, molformer_config, smiles_batches, unwrap_peft
 from molft.peft_setup import is_adapter_checkpoint, load_regression_checkpoint
 from molft.selection import load_pool
 
@@ -273,12 +276,56 @@ def build_problem(
         }
         model_names = [prefix + name.removeprefix("head") for name in params]
         forward_fn = curvature_forward(curvature, estimator, default_forward, params)
-        problem = InfluenceProblem(module, params, forward_fn=forward_fn, **problem_kwargs)
+        problem = LayerwiseProblem(
+            module, params, forward_fn=forward_fn, **plain_forward_of(forward_fn), **problem_kwargs
+        )
         return ProblemSetup(problem, batches, model_names, on_features=True, features=features)
     params = scope_parameters(model, scope, last_k)
     forward_fn = curvature_forward(curvature, estimator, default_forward, params)
-    problem = InfluenceProblem(model, params, forward_fn=forward_fn, **problem_kwargs)
+    problem = LayerwiseProblem(
+        model, params, forward_fn=forward_fn, layout=layerwise_layout(model), **plain_forward_of(forward_fn),
+        **problem_kwargs,
+    )  # fmt: skip
     return ProblemSetup(problem, dict(token_batches), list(params), on_features=False)
+
+
+def plain_forward_of(forward_fn: ForwardFn) -> dict[str, ForwardFn]:
+    """LayerwiseProblem's plain_forward for a Gauss-Newton linearisation (same gradients at its anchor)."""
+    return {"plain_forward": forward_fn.forward_fn} if isinstance(forward_fn, LinearisedForward) else {}
+
+
+def layerwise_layout(model: nn.Module) -> LayoutFactory:
+    """LayerwiseProblem's layout for MoLFormer: `molformer_layout` of the model for each batch."""
+    return lambda batch: molformer_layout(model, batch)
+
+
+@contextmanager
+def molformer_layout(model: nn.Module, batch: Batch) -> Iterator[PackedRows | None]:
+    """MoLFormer on the real tokens alone, with q/k/v through their own modules, while gradients are read.
+
+    Layerwise per-sample gradients read each module call's inputs: `fused_qkv` multiplies by the three
+    weights without calling their modules, so it is off; `padding_free` skips the padding's share of every
+    projection (its output is the same), so it is on, and the packed rows' positions are yielded so each
+    token's contribution goes to its molecule. A batch without padding, or with as many real tokens as
+    molecules (packed rows could not be told from per-molecule ones), runs padded (yields None).
+    """
+    config = molformer_config(model)
+    if config is None:
+        yield None
+        return
+    mask = batch.get("attention_mask")
+    packed = None
+    if mask is not None and mask.dim() == 2:
+        # the model's own packing (modeling_molformer.PackedTokens): real tokens in row-major order
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        if index.numel() not in (mask.numel(), mask.shape[0]):
+            packed = PackedRows(index, *mask.shape)
+    saved = (getattr(config, "padding_free", False), getattr(config, "fused_qkv", False))
+    config.padding_free, config.fused_qkv = packed is not None, False
+    try:
+        yield packed
+    finally:
+        config.padding_free, config.fused_qkv = saved
 
 
 def curvature_forward(

@@ -7,7 +7,9 @@ sample's weight 1/n and l2 fixed, so the measured effect is, to first order, exa
 retrained weights come from one Sherman-Morrison update per candidate (exact, O(d^2) each).
 
 `validate_estimators` is the harness built on it: every estimator on a ridge head over a model's frozen
-embeddings, ranked against the exact influence and against that retraining truth.
+embeddings, ranked against the exact influence and against that retraining truth. The retraining check of
+the network itself (--validate lds, molft.influence.lds) takes its rank statistics and its estimators'
+scores on the run's own problem (`score_estimators`) from here.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +30,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from molft.files import INFLUENCE_SCORES_FILE, INFLUENCE_SUMMARY_FILE
 from molft.influence.api import compute_influence
 from molft.influence.features import feature_batch_size, feature_batches, linear_forward
 from molft.influence.problem import InfluenceProblem
 from molft.influence.runner import lissa_steps_needed
+from molft.io import read_json
 from molft.markdown import markdown_table
 from molft.model_utils import release_memory
 
@@ -121,6 +127,20 @@ def leave_one_in_retrain_effect(
     return effects if per_query else effects.mean(axis=0)
 
 
+def spearman_interval(x: ArrayLike, y: ArrayLike, n_boot: int, seed: int) -> tuple[float, float]:
+    """Percentile 95% bootstrap interval of Spearman(x, y), pairs resampled with replacement (seeded)."""
+    x, y = _to_numpy(x).reshape(-1), _to_numpy(y).reshape(-1)
+    rows = np.random.default_rng([seed, 7]).integers(0, len(x), size=(n_boot, len(x)))
+    rx, ry = scipy.stats.rankdata(x[rows], axis=1), scipy.stats.rankdata(y[rows], axis=1)
+    rx, ry = rx - rx.mean(axis=1, keepdims=True), ry - ry.mean(axis=1, keepdims=True)
+    norms = np.sqrt((rx**2).sum(axis=1) * (ry**2).sum(axis=1))
+    ranked = norms > 0  # a resample of tied values has no rank correlation
+    if not ranked.any():
+        return float("nan"), float("nan")
+    low, high = np.percentile((rx * ry).sum(axis=1)[ranked] / norms[ranked], [2.5, 97.5])
+    return float(low), float(high)
+
+
 def spearman_vs(reference_scores: ArrayLike, scores: ArrayLike) -> float:
     """Spearman rank correlation of `scores` against a reference (e.g. the retrain effects)."""
     reference = _as_vector(reference_scores, "reference_scores", _to_numpy(reference_scores).size)
@@ -130,6 +150,25 @@ def spearman_vs(reference_scores: ArrayLike, scores: ArrayLike) -> float:
     if np.ptp(reference) == 0 or np.ptp(estimate) == 0:
         raise ValueError("a constant score vector has no rank correlation (all scores equal)")
     return float(scipy.stats.spearmanr(reference, estimate).statistic)
+
+
+VALIDATION_MODES = ("none", "ridge", "lds")
+
+
+def validation_mode(value: str | bool | None) -> str:
+    """The --validate mode: none | ridge (this module's check) | lds (molft.influence.lds).
+
+    The flag used to be a boolean: true (or the bare flag) still runs the ridge check, with a note.
+    """
+    text = str(value).strip().lower() if value is not None else "none"
+    if text in VALIDATION_MODES:
+        return text
+    if text in ("false", "no", "0", "f", "n", ""):
+        return "none"
+    if text in ("true", "yes", "1", "t", "y"):
+        logger.info("--validate %s is the old boolean form: running --validate ridge.", value)
+        return "ridge"
+    raise ValueError(f"--validate must be one of {VALIDATION_MODES} (or the old true/false), got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,3 +353,77 @@ def format_table(table: pd.DataFrame) -> str:
         shown[column] = shown[column].map(lambda value: "nan" if not np.isfinite(value) else f"{value:.4f}")
     shown["seconds"] = shown["seconds"].map(lambda value: f"{value:.2f}")
     return markdown_table(shown)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The estimators a retraining check (molft.influence.lds) compares, on the run's own problem
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EstimatorScores:
+    """One estimator's scores over the LDS pool (None when it failed), and what they cost."""
+
+    scores: np.ndarray | None
+    seconds: float | None = None
+    error: str | None = None
+
+
+def score_estimators(
+    setup: Any,
+    names: Sequence[str],
+    options_for: Callable[[str], dict[str, Any]],
+    primary: str,
+    primary_scores: EstimatorScores,
+    *,
+    scope: str,
+    pool: pd.DataFrame,
+    damping: float,
+    quiet: bool,
+) -> dict[str, EstimatorScores]:
+    """Every estimator of `names` on the run's own problem (ProblemSetup), named estimator@scope, over the
+    LDS pool; `primary` (already computed) is reused. One that fails is logged and kept with its error."""
+    from molft.influence.retrain import addable_mask
+    from molft.influence.runner import run_estimator
+
+    keep, results = addable_mask(pool), {}
+    for name in dict.fromkeys([primary, *names]):
+        if name == primary:
+            results[f"{name}@{scope}"] = EstimatorScores(primary_scores.scores[keep], primary_scores.seconds)
+            continue
+        start = time.perf_counter()
+        try:
+            scores, _ = run_estimator(
+                setup.problem, setup.batches, name, options_for(name), per_query=False, damping=damping,
+                quiet=quiet,
+            )  # fmt: skip
+        except (FloatingPointError, ValueError, RuntimeError, ImportError) as err:
+            logger.warning("--validate lds: %s on the %s scope failed and is left out: %s", name, scope, err)
+            error = f"{type(err).__name__}: {str(err)[:200]}"
+            results[f"{name}@{scope}"] = EstimatorScores(None, time.perf_counter() - start, error)
+            continue
+        results[f"{name}@{scope}"] = EstimatorScores(scores[keep], time.perf_counter() - start)
+    return results
+
+
+def extra_scores(folders: str | None, pool: pd.DataFrame) -> dict[str, EstimatorScores]:
+    """Scores of other run_influence.py outputs (same run and pool), named estimator@scope."""
+    from molft.cli import parse_list
+    from molft.data import read_table
+    from molft.selection import check_scores_match_pool, pool_ids
+
+    results: dict[str, EstimatorScores] = {}
+    for folder in parse_list(folders or ""):
+        try:
+            summary = read_json(Path(folder) / INFLUENCE_SUMMARY_FILE)
+            scores = check_scores_match_pool(read_table(Path(folder) / INFLUENCE_SCORES_FILE), pool)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--lds_extra_scores {folder}: {err}") from err
+        if np.isnan(scores).any():
+            raise ValueError(
+                f"--lds_extra_scores {folder} has no score for pool ids {pool_ids(pool)[np.isnan(scores)][:10]}."
+            )
+        results[f"{summary['estimator']}@{summary['scope']['name']}"] = EstimatorScores(
+            scores, summary.get("timings", {}).get("total_s")
+        )
+    return results
