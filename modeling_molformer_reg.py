@@ -99,15 +99,18 @@ def num_outputs(config: MolformerConfig) -> int:
 
 
 def _masked_mean(
-    losses: torch.Tensor, observed: torch.Tensor, sample_weight: torch.Tensor | None
+    losses: torch.Tensor, observed: torch.Tensor | None, sample_weight: torch.Tensor | None
 ) -> torch.Tensor:
-    """Mean of `losses` [batch, outputs] over observed entries, weighted per molecule.
+    """Mean of `losses` [batch, outputs] over observed entries (None: all), weighted per molecule.
 
     A masked entry has weight 0, so it adds exactly nothing to the loss or its gradient; without gaps or
-    weights this is the plain mean.
+    weights this is the plain mean. The choice is made from the arguments, never from tensor values, so
+    torch.compile captures one graph.
     """
-    if sample_weight is None and bool(observed.all()):
-        return losses.mean()
+    if observed is None:
+        if sample_weight is None:
+            return losses.mean()
+        observed = torch.ones_like(losses, dtype=torch.bool)
     weight = observed.to(losses.dtype)
     if sample_weight is not None:
         weight = weight * sample_weight.to(losses.dtype).view(-1, 1)
@@ -225,8 +228,11 @@ class MolformerForRegression(MolformerPreTrainedModel):
             logits = normalised * std + mean
             if labels is not None:
                 labels = labels.to(normalised.dtype).view(normalised.shape)
-                observed = ~torch.isnan(labels)
-                target = (torch.where(observed, labels, torch.zeros_like(labels)) - mean) / std
+                # one target: labels were checked finite when read; several: a gap (NaN) is masked
+                observed = ~torch.isnan(labels) if isinstance(self.config.target_mean, list) else None
+                if observed is not None:
+                    labels = torch.where(observed, labels, torch.zeros_like(labels))
+                target = (labels - mean) / std
                 losses = self.per_sample_loss(normalised.float(), target.float())
                 loss = _masked_mean(losses, observed, sample_weight)
         if not return_dict:
