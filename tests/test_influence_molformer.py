@@ -179,13 +179,15 @@ def test_layerwise_falls_back_when_a_parameter_is_used_outside_its_module(caplog
         strict.per_sample_grads(batch)
     # the earlier paths stay selectable: vmap never builds the layerwise engine
     assert LayerwiseProblem(model, dict(model.named_parameters()), grad_method="vmap").layerwise is None
+    with pytest.raises(ValueError, match="expected one of .*'layerwise'"):
+        LayerwiseProblem(model, dict(model.named_parameters()), grad_method="hooks")
 
 
 def test_bench_influence_times_the_loop_the_old_best_and_layerwise_side_by_side(data_dir):
     command = [
         sys.executable, "benchmarks/bench_influence.py", "--config", "configs/molformer-tiny.json",
         "--num_molecules", "6", "--batch_size", "3", "--repeats", "2", "--dtype", "float64", "--threads", "1",
-        "--methods", "loop,layerwise_dot",
+        "--methods", "loop,jvp,layerwise_dot",
     ]  # fmt: skip
     result = subprocess.run(
         command,
@@ -198,7 +200,8 @@ def test_bench_influence_times_the_loop_the_old_best_and_layerwise_side_by_side(
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
     assert "2 rounds of one timed pass per method in turn" in result.stdout
-    for method in ("loop", "layerwise_dot"):
+    for method in ("loop", "jvp", "layerwise_dot"):
         assert float(rows[method][-1]) < 1e-10, rows[method]  # max |diff| from the loop's scores
-    assert rows["loop"][-3] == "1.00x" and rows["layerwise_dot"][-2] == "nanx"  # vs loop; vs jvp (not run)
+    assert rows["loop"][-3] == "1.00x" and rows["jvp"][-2] == "1.00x"  # speed-ups over the loop, the old best
+    assert "vs jvp" in result.stdout
     assert "use cpu seconds" in result.stdout  # one thread on CPU: the work, not a busy machine's waits
