@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from molft.influence.problem import (
+    GRAD_METHODS,
     Batch,
     BoundForward,
     ForwardFn,
@@ -342,6 +343,10 @@ class LayerwiseProblem(InfluenceProblem):
         plain_forward: ForwardFn | None = None,
         **kwargs,
     ) -> None:
+        if grad_method not in (*GRAD_METHODS, LAYERWISE):
+            raise ValueError(
+                f"unknown grad_method {grad_method!r}; expected one of {(*GRAD_METHODS, LAYERWISE)}"
+            )
         super().__init__(
             model, params, grad_method="auto" if grad_method == LAYERWISE else grad_method, **kwargs
         )
