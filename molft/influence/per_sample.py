@@ -38,9 +38,9 @@ from molft.influence.problem import (
     BoundForward,
     ForwardFn,
     InfluenceProblem,
-    NonFiniteGradientError,
     _raise_if_non_finite,
     batch_size,
+    checked_products,
     slice_batch,
 )
 
@@ -399,14 +399,7 @@ class LayerwiseProblem(InfluenceProblem):
         except LayerwiseUnsupported as error:
             self._unsupported(error)
             return super().grad_dot(batch, directions, theta)
-        bad = ~torch.isfinite(products).all(dim=0)
-        if bad.any():
-            rows = bad.nonzero().flatten().tolist()
-            raise NonFiniteGradientError(
-                f"non-finite gradient products for {len(rows)} sample(s) at rows {rows[:10]} of the batch: "
-                "check those inputs/labels for NaN or inf, or the model for overflow"
-            )
-        return products
+        return checked_products(products)
 
     def _checked_grads(self, batch: Batch, theta: torch.Tensor) -> torch.Tensor:
         """Layerwise gradients; the first batch's first sample is checked against a backward of it alone."""

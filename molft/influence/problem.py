@@ -366,14 +366,7 @@ class InfluenceProblem:
                 self._forward_ad_ok = False
         if products is None:
             products = directions @ self.per_sample_grads(batch, theta).T
-        bad = ~torch.isfinite(products).all(dim=0)
-        if bad.any():
-            rows = bad.nonzero().flatten().tolist()
-            raise NonFiniteGradientError(
-                f"non-finite gradient products for {len(rows)} sample(s) at rows {rows[:10]} of the batch: "
-                "check those inputs/labels for NaN or inf, or the model for overflow"
-            )
-        return products
+        return checked_products(products)
 
     @torch.no_grad()
     def _jvp_losses(self, theta: torch.Tensor, batch: Batch, directions: torch.Tensor) -> torch.Tensor:
@@ -463,3 +456,15 @@ def describe_batches(batches: Iterable[Batch]) -> dict[str, Any]:
     """Counts for diagnostics (number of batches and samples)."""
     sizes = [batch_size(batch) for batch in batches]
     return {"num_batches": len(sizes), "num_samples": int(sum(sizes))}
+
+
+def checked_products(products: torch.Tensor) -> torch.Tensor:
+    """Gradient products [directions, batch], or an error naming the batch rows that are not finite."""
+    bad = ~torch.isfinite(products).all(dim=0)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise NonFiniteGradientError(
+            f"non-finite gradient products for {len(rows)} sample(s) at rows {rows[:10]} of the batch: "
+            "check those inputs/labels for NaN or inf, or the model for overflow"
+        )
+    return products
