@@ -207,10 +207,27 @@ def exit_on_missing_needs(main: Callable[[], Any]) -> None:
     """Run a script's main(); a PreflightError ends it as argparse ends a bad command line.
 
     One line on stderr and exit status 2, instead of a traceback for something that is not a bug;
-    main() itself still raises, for callers in Python.
+    main() itself still raises, for callers in Python. After a run under a DDP launcher, the process
+    group is closed on every rank before the interpreter exits.
     """
     try:
         main()
     except PreflightError as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Close the torch.distributed group that a DDP launch opened, once every rank has finished.
+
+    A process that exits with its gloo group still open can abort in the group's C++ threads while the
+    interpreter shuts down ("terminate called without an active exception", SIGABRT), which fails a run
+    whose outputs were all written (pytorch/pytorch#190489). The barrier keeps one rank from closing the
+    group while another is still inside its last collective.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -127,3 +127,15 @@ def test_a_script_ends_like_a_bad_command_line(monkeypatch, capsys):
 
     with pytest.raises(ValueError, match="a bug"):
         preflight.exit_on_missing_needs(broken)
+
+
+def test_a_script_closes_the_process_group_a_launcher_opened(tmp_path):
+    """A DDP rank that exits with its gloo group open can abort at interpreter shutdown (SIGABRT)."""
+    import torch.distributed as dist
+
+    def main():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+
+    preflight.exit_on_missing_needs(main)
+    assert not dist.is_initialized()
