@@ -283,7 +283,12 @@ def run_molformer(ctx: Context, split: Split, seed: int, run_dir: Path) -> tuple
         sys.executable, str(ROOT / "run_regression.py"), str(config), "--split_file", str(split.path.resolve()),
         "--seed", str(seed), "--output_dir", str(run_dir), *data_flags, *ctx.extra,
     ]  # fmt: skip
-    key = {"command": command[1:], "config_sha256": sha256(config), "split_sha256": sha256(split.path)}
+    # the config's options, not its bytes: a comment edit must not invalidate finished runs
+    key = {
+        "command": command[1:],
+        "config_options": load_config_file(config),
+        "split_sha256": sha256(split.path),
+    }
     done = finished(run_dir, key, ctx.args.overwrite)
     if done is None:
         start_record(run_dir, key)
