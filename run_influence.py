@@ -160,8 +160,10 @@ class InfluenceArguments:
     grad_method: str = field(
         default="auto",
         metadata={
-            "help": "Per-sample gradients: vmap (one vectorised backward per batch) | loop (one backward per "
-            "molecule) | auto (vmap, falling back to loop)."
+            "help": "Per-sample gradients: layerwise (one ordinary backward per batch, each layer's gradients "
+            "rebuilt from its inputs and output gradients; the fastest, benchmarks/bench_influence.py) | vmap "
+            "(one vectorised backward per batch) | loop (one backward per molecule) | auto (layerwise where the "
+            "model and scope allow it, else vmap, else loop)."
         },
     )
     vmap_chunk_size: int | None = field(

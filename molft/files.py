@@ -45,6 +45,7 @@ VALIDATION_MD = "validation.md"
 LDS_SUBSETS_FILE = "lds_subsets.csv"
 LDS_SUMMARY_FILE = "lds_summary.json"
 LDS_GROUPS_FILE = "lds_groups.csv"
+LDS_SCORES_FILE = "lds_scores.csv"  # every estimator@scope's score per pool molecule, for reuse
 LDS_RETRAIN_DIR = "lds_retrains"
 LDS_PLAN_FILE = "lds_plan.json"
 # inside one retraining's folder: the molecules added, the options replayed, the log, run_regression's output

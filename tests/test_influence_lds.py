@@ -17,7 +17,7 @@ from molft.influence import InfluenceProblem, compute_influence, ridge_weights
 from molft.influence.features import feature_batches, linear_forward
 from molft.influence.lds import LdsArguments, draw_subsets, evaluate, retrain_shard
 from molft.influence.retrain import RetrainJob, RunRecipe, query_loss
-from molft.influence.validation import EstimatorScores, spearman_interval, validation_mode
+from molft.influence.validation import EstimatorScores, extra_scores, spearman_interval, validation_mode
 from molft.io import read_json
 from molft.peft_setup import PeftOptions, apply_peft
 from molft.regression import ModelFactory
@@ -128,6 +128,28 @@ def test_exact_influence_predicts_retraining_a_linear_model(ridge, scores, tmp_p
     reference = retrain(RetrainJob("r", 1, "reference", "reference"), tmp_path)
     np.testing.assert_allclose(table["loss_seed1"] - reference, table["change_seed1"])  # same sign as scores
     assert read_json(tmp_path / LDS_SUMMARY_FILE)["estimators"]["exact"]["lds"] == exact["lds"]
+
+
+def test_saved_scores_are_judged_against_another_retraining_without_rescoring(ridge, scores, tmp_path):
+    """lds_scores.csv keeps every estimator's scores; --lds_extra_scores on that folder reads them all back."""
+    warm_out, scratch_out = tmp_path / "warm", tmp_path / "scratch"
+    warm_out.mkdir(), scratch_out.mkdir()
+    warm = evaluate(lds_args(lds_retrain="warm"), scores, ridge.pool, ridge.warm, [1], tmp_path / "w",
+                    warm_out, primary="exact")  # fmt: skip
+    reread = extra_scores(str(warm_out), ridge.pool)
+    assert set(reread) == {"exact", "gradient_dot"}
+    for name in reread:
+        np.testing.assert_array_equal(reread[name].scores, scores[name].scores)
+        assert reread[name].seconds == pytest.approx(0.1)
+    shuffled = ridge.pool.sample(frac=1.0, random_state=0)  # matched by id, not by position
+    order = np.argsort(shuffled["row"].to_numpy())
+    np.testing.assert_array_equal(extra_scores(str(warm_out), shuffled)["exact"].scores[order],
+                                  scores["exact"].scores)  # fmt: skip
+    scratch = evaluate(lds_args(lds_retrain="scratch", lds_group_k=0), reread, ridge.pool, ridge.scratch, [1],
+                       tmp_path / "s", scratch_out)  # fmt: skip
+    assert scratch["estimators"]["exact"]["lds"] > 0.9 and warm["estimators"]["exact"]["lds"] > 0.9
+    with pytest.raises(ValueError, match="no score for pool ids"):
+        extra_scores(str(warm_out), pd.DataFrame({"row": [100, 999], "smiles": ["C", "CC"]}))
 
 
 def test_shuffled_scores_sit_near_zero(ridge, scores, tmp_path):

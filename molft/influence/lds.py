@@ -39,6 +39,7 @@ from molft.files import (
     DONE_MARKER,
     LDS_GROUPS_FILE,
     LDS_RETRAIN_DIR,
+    LDS_SCORES_FILE,
     LDS_SUBSETS_FILE,
     LDS_SUMMARY_FILE,
 )
@@ -129,7 +130,9 @@ class LdsArguments:
         default=None,
         metadata={
             "help": "Comma-separated run_influence.py output folders (other estimators/scopes, same run and "
-            "pool) whose scores join the comparison, named estimator@scope."
+            "pool) whose scores join the comparison, named estimator@scope. A folder of an earlier "
+            "--validate lds run brings every estimator it scored (its lds_scores.csv): the scores of a warm "
+            "run can be judged against scratch retraining without computing them again."
         },
     )
     lds_retrain_args: str | None = field(
@@ -295,6 +298,8 @@ def assemble(
     summary["groups"] = groups.to_dict(orient="records") if groups is not None else None
     if output_dir is not None:
         write_csv(Path(output_dir) / LDS_SUBSETS_FILE, table)
+        per_molecule = {name: scores[name].scores for name in usable}
+        write_csv(Path(output_dir) / LDS_SCORES_FILE, pd.DataFrame({"id": ids, **per_molecule}))
         if groups is not None:
             write_csv(Path(output_dir) / LDS_GROUPS_FILE, groups)
         write_json(Path(output_dir) / LDS_SUMMARY_FILE, summary)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from molft.files import INFLUENCE_SCORES_FILE, INFLUENCE_SUMMARY_FILE
+from molft.files import INFLUENCE_SCORES_FILE, INFLUENCE_SUMMARY_FILE, LDS_SCORES_FILE, LDS_SUMMARY_FILE
 from molft.influence.api import compute_influence
 from molft.influence.features import feature_batch_size, feature_batches, linear_forward
 from molft.influence.problem import InfluenceProblem
@@ -407,13 +407,21 @@ def score_estimators(
 
 
 def extra_scores(folders: str | None, pool: pd.DataFrame) -> dict[str, EstimatorScores]:
-    """Scores of other run_influence.py outputs (same run and pool), named estimator@scope."""
+    """Scores of other run_influence.py outputs (same run and pool), named estimator@scope.
+
+    A folder of an earlier --validate lds run gives every estimator it scored (its lds_scores.csv), so the
+    same scores can be judged against another retraining mode without computing them again; any other
+    folder gives its one estimator (influence_scores.csv).
+    """
     from molft.cli import parse_list
     from molft.data import read_table
     from molft.selection import check_scores_match_pool, pool_ids
 
     results: dict[str, EstimatorScores] = {}
     for folder in parse_list(folders or ""):
+        if (Path(folder) / LDS_SCORES_FILE).is_file():
+            results.update(lds_scores(Path(folder), pool_ids(pool)))
+            continue
         try:
             summary = read_json(Path(folder) / INFLUENCE_SUMMARY_FILE)
             scores = check_scores_match_pool(read_table(Path(folder) / INFLUENCE_SCORES_FILE), pool)
@@ -426,4 +434,30 @@ def extra_scores(folders: str | None, pool: pd.DataFrame) -> dict[str, Estimator
         results[f"{summary['estimator']}@{summary['scope']['name']}"] = EstimatorScores(
             scores, summary.get("timings", {}).get("total_s")
         )
+    return results
+
+
+def lds_scores(folder: Path, ids: np.ndarray) -> dict[str, EstimatorScores]:
+    """Every estimator's scores saved by an earlier --validate lds run, in the order of the pool `ids`."""
+    path = folder / LDS_SCORES_FILE
+    table = pd.read_csv(path)
+    if "id" not in table.columns:
+        raise ValueError(f"--lds_extra_scores {folder}: {path} has no id column.")
+    table = table.drop_duplicates("id").set_index("id")
+    missing = np.setdiff1d(ids, table.index.to_numpy())
+    if len(missing):
+        raise ValueError(
+            f"--lds_extra_scores {folder}: {path} has no score for pool ids {missing[:10].tolist()} "
+            f"({len(missing)} of {len(ids)}); was it made on another pool?"
+        )
+    seconds = {}
+    if (folder / LDS_SUMMARY_FILE).is_file():
+        estimators = read_json(folder / LDS_SUMMARY_FILE).get("estimators", {})
+        seconds = {name: entry.get("seconds") for name, entry in estimators.items()}
+    results = {}
+    for name in table.columns:
+        values = table.loc[ids, name].to_numpy(dtype=np.float64)
+        if np.isnan(values).any():
+            raise ValueError(f"--lds_extra_scores {folder}: {name} in {path} has missing scores.")
+        results[name] = EstimatorScores(values, seconds.get(name))
     return results
