@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from rdkit import DataStructs
-from sklearn import metrics as skm
 from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
 from molft.chem import morgan_fingerprints
-from molft.metrics import regression_metrics
+from molft.metrics import CLASSIFICATION_METRIC_NAMES, regression_metrics, single_label_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ PRIMARY_METRIC = {
     SINGLE_LABEL: ("roc_auc", False),
     MULTI_LABEL: ("roc_auc", False),
 }
-CLASSIFICATION_METRICS = ("roc_auc", "pr_auc", "accuracy", "f1", "mcc")
+CLASSIFICATION_METRICS = CLASSIFICATION_METRIC_NAMES
 
 
 @dataclass
@@ -155,8 +154,9 @@ def classification_metrics(
 ) -> dict[str, float]:
     """ROC-AUC, PR-AUC (average precision), accuracy, F1 and MCC of class probabilities [N, K].
 
-    Two classes: the positive class is the last of `classes` (sorted: 1 of 0/1, True of booleans); F1 is
-    that class's. More classes: one-vs-rest ROC-AUC and PR-AUC, and F1, macro-averaged. A metric a test set
+    The fine-tuned model's rules (molft.metrics.single_label_metrics), so the two sides of a benchmark are
+    scored alike: the predicted class is the most probable one; two classes: the positive class is the last
+    of `classes` (sorted: 1 of 0/1, True of booleans); more: one-vs-rest macro means. A metric a test set
     cannot define (one class only) is nan, with a warning.
     """
     if classes is None:
@@ -171,37 +171,10 @@ def classification_metrics(
         raise ValueError(
             f"Target {target!r}: test labels {unseen} are no class of the training labels {classes.tolist()}."
         )
-    if len(classes) == 2:  # positive at probability 0.5 or more, as molft.metrics predicts a binary label
-        predicted = np.where(probabilities[:, 1] >= 0.5, classes[1], classes[0])
-    else:
-        predicted = classes[np.argmax(probabilities, axis=1)]
-    out = {
-        "accuracy": float(skm.accuracy_score(y_true, predicted)),
-        "mcc": float(skm.matthews_corrcoef(y_true, predicted)),
-    }
-    if len(classes) == 2:
-        positive = y_true == classes[1]
-        out["f1"] = float(skm.f1_score(positive, predicted == classes[1], zero_division=0.0))
-        out.update(_ranking_metrics(positive, probabilities[:, 1], target))
-    else:
-        out["f1"] = float(skm.f1_score(y_true, predicted, labels=classes, average="macro", zero_division=0.0))
-        per_class = [
-            _ranking_metrics(y_true == c, probabilities[:, i], target) for i, c in enumerate(classes)
-        ]
-        for name in ("roc_auc", "pr_auc"):
-            values = [m[name] for m in per_class if not np.isnan(m[name])]
-            out[name] = float(np.mean(values)) if values else float("nan")
-    return {name: out[name] for name in CLASSIFICATION_METRICS}
-
-
-def _ranking_metrics(positive: np.ndarray, score: np.ndarray, target: str) -> dict[str, float]:
-    if positive.all() or not positive.any():
-        logger.warning("Target %r: the test labels hold one class only; ROC-AUC and PR-AUC are nan.", target)
-        return {"roc_auc": float("nan"), "pr_auc": float("nan")}
-    return {
-        "roc_auc": float(skm.roc_auc_score(positive, score)),
-        "pr_auc": float(skm.average_precision_score(positive, score)),
-    }
+    position = {label: i for i, label in enumerate(classes.tolist())}
+    indices = np.array([position[label] for label in y_true.tolist()], dtype=np.int64)
+    metrics = single_label_metrics(indices, probabilities, [str(c) for c in classes.tolist()])
+    return {name: metrics[name] for name in CLASSIFICATION_METRICS}
 
 
 def prediction_frame(

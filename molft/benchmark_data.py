@@ -22,6 +22,7 @@ import pandas as pd
 from molft.baselines import MULTI_LABEL, REGRESSION, SINGLE_LABEL, check_problem_type
 from molft.data import LABEL_CANDIDATES, SMILES_CANDIDATES, find_column, load_raw_dataset, prepare_molecules
 from molft.io import read_json, write_json
+from molft.labels import class_keys, class_order, numeric_labels
 from molft.splits import make_split
 
 logger = logging.getLogger(__name__)
@@ -99,12 +100,16 @@ def load_data(options: dict[str, Any]) -> Data:
     )
     problem_type = check_problem_type(opts["problem_type"] or REGRESSION)
     values = {t: frame.loc[molecules["row"], t] for t in targets}
+    # the label rules of run_regression.py (molft.labels), so both sides of a benchmark read the same labels
     if problem_type == SINGLE_LABEL:
-        classes = {t: class_order(v, t, opts["class_names"], raw.source) for t, v in values.items()}
-        labels = {t: class_indices(v, classes[t]) for t, v in values.items()}
+        names = [n.strip() for n in opts["class_names"].split(",")] if opts["class_names"] else None
+        keys = {t: class_keys(v, v.index, t, raw.source) for t, v in values.items()}
+        classes = {t: class_order(k, names, t) for t, k in keys.items()}
+        labels = {t: class_indices(k, classes[t]) for t, k in keys.items()}
     else:
         classes = {}
-        labels = {t: numeric_labels(v, t, problem_type == MULTI_LABEL, raw.source) for t, v in values.items()}
+        binary = problem_type == MULTI_LABEL
+        labels = {t: numeric_labels(v, v.index, t, raw.source, binary) for t, v in values.items()}
     molecules = molecules[["row", "smiles", "canonical_smiles"]].assign(**labels)
     unlabelled = molecules[targets].isna().all(axis=1).to_numpy()
     if unlabelled.any():
@@ -115,75 +120,10 @@ def load_data(options: dict[str, Any]) -> Data:
     return Data(molecules, targets, problem_type, raw.source, len(frame), classes)
 
 
-def is_missing(value: Any) -> bool:
-    """An empty cell: None, NaN or blank text."""
-    return value is None or (not isinstance(value, str) and bool(pd.isna(value))) or str(value).strip() == ""
-
-
-def class_key(value: Any) -> str | None:
-    """A class label as run_regression.py names it: integers (1, 1.0, "1") as "1", text stripped; None if missing."""
-    if is_missing(value):
-        return None
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value))
-    number = pd.to_numeric(value, errors="coerce")
-    if pd.isna(number):
-        return str(value).strip()
-    if np.isfinite(number) and number == round(number):
-        return str(int(number))
-    raise ValueError(f"{value!r} is a fractional number, no class label (a regression target?)")
-
-
-def class_order(values: pd.Series, target: str, class_names: str | None, source: str) -> list[str]:
-    """The classes in output order: --class_names, else sorted (numerically for integers); the last is positive."""
-    keys = set()
-    for row, value in values.items():
-        try:
-            keys.add(class_key(value))
-        except ValueError as err:
-            raise ValueError(f"{source}: row {row} of {target!r}: {err}.") from err
-    keys.discard(None)
-    numeric = all(k.lstrip("-").isdigit() for k in keys)
-    found = sorted(keys, key=(lambda k: int(k)) if numeric else None)
-    if not class_names:
-        return found
-    order = [name.strip() for name in class_names.split(",")]
-    unknown = sorted(set(found) - set(order))
-    if unknown:
-        raise ValueError(
-            f"{source}: column {target!r} holds classes {unknown} that --class_names {order} lacks."
-        )
-    return order
-
-
-def class_indices(values: pd.Series, classes: list[str]) -> np.ndarray:
+def class_indices(keys: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Each class name's position in `classes` as a float label, NaN where missing."""
     position = {name: float(i) for i, name in enumerate(classes)}
-    return np.array(
-        [np.nan if (k := class_key(v)) is None else position[k] for v in values], dtype=np.float64
-    )
-
-
-def numeric_labels(values: pd.Series, target: str, binary: bool, source: str) -> np.ndarray:
-    """Float labels, NaN where missing; text (and, for 0/1 labels, other numbers) is an error naming the rows."""
-    missing = np.array([is_missing(v) for v in values], dtype=bool)
-    plain = pd.Series(
-        [
-            np.nan if m else float(v) if isinstance(v, bool | np.bool_) else v
-            for v, m in zip(values, missing, strict=True)
-        ],
-        dtype=object,
-    )
-    numeric = np.array(pd.to_numeric(plain, errors="coerce"), dtype=np.float64)  # a writable copy
-    bad = ~missing & ~np.isfinite(numeric)
-    if binary:
-        bad |= ~missing & ~np.isin(numeric, (0.0, 1.0))
-    if bad.any():
-        kind = "0 or 1" if binary else "numbers"
-        raise ValueError(
-            f"{source}: labels of {target!r} are not {kind} at rows {values.index[bad].tolist()[:10]}."
-        )
-    numeric[missing] = np.nan
-    return numeric
+    return np.array([np.nan if k is None else position[k] for k in keys], dtype=np.float64)
 
 
 def read_split(path: Path, data: Data, family: str | None = None) -> Split:

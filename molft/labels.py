@@ -132,7 +132,7 @@ def encode_labels(
     if task.problem_type == "single_label_classification":
         (column,) = label_columns
         keys = {
-            name: _class_keys(frame[_RAW + column], frame["row"], column, sources[name])
+            name: class_keys(frame[_RAW + column], frame["row"], column, sources[name])
             for name, frame in frames.items()
         }
         if not task.classes:
@@ -154,16 +154,16 @@ def encode_labels(
         binary = task.problem_type == "multi_label_classification"
         for name, frame in frames.items():
             for column in label_columns:
-                values = _numeric_labels(frame[_RAW + column], frame["row"], column, sources[name], binary)
+                values = numeric_labels(frame[_RAW + column], frame["row"], column, sources[name], binary)
                 frame[LABEL_PREFIX + column] = values
     return {name: _drop_unlabelled(frame, task, sources[name]) for name, frame in frames.items()}
 
 
-def _class_keys(values: pd.Series, rows: pd.Series, column: str, source: str) -> np.ndarray:
+def class_keys(values: pd.Series, rows: pd.Series, column: str, source: str) -> np.ndarray:
     """Each value as a class name (integers, also written 1.0 or "1", as "1"); None where missing."""
     keys, bad = [], []
     for row, value in zip(rows, values, strict=True):
-        if _is_missing(value):
+        if is_missing(value):
             keys.append(None)
         elif isinstance(value, (bool, np.bool_)):
             keys.append(str(bool(value)))
@@ -182,19 +182,24 @@ def _class_keys(values: pd.Series, rows: pd.Series, column: str, source: str) ->
     return np.array(keys, dtype=object)
 
 
-def _choose_classes(keys: np.ndarray, task: Task, column: str) -> list[str]:
+def class_order(keys: Sequence[str | None], class_names: Sequence[str] | None, column: str) -> list[str]:
+    """The classes in output order: `class_names` (which must hold every class found), else the classes
+    found, sorted (numerically when all are integers); the last is the positive class of a binary task."""
     found = {k for k in keys if k is not None}
     numeric = all(k.lstrip("-").isdigit() for k in found)
     found = sorted(found, key=(lambda k: int(k)) if numeric else None)
-    if task.class_names:
-        unknown = [k for k in found if k not in task.class_names]
-        if unknown:
-            raise ValueError(
-                f"Column {column!r} holds classes {unknown} that --class_names {task.class_names} lacks."
-            )
-        classes = list(task.class_names)
-    else:
-        classes = found
+    if not class_names:
+        return found
+    unknown = [k for k in found if k not in class_names]
+    if unknown:
+        raise ValueError(
+            f"Column {column!r} holds classes {unknown} that --class_names {list(class_names)} lacks."
+        )
+    return list(class_names)
+
+
+def _choose_classes(keys: np.ndarray, task: Task, column: str) -> list[str]:
+    classes = class_order(keys, task.class_names, column)
     if len(classes) < 2:
         raise ValueError(
             f"single_label_classification needs two classes or more; column {column!r} has {classes}."
@@ -209,10 +214,10 @@ def _choose_classes(keys: np.ndarray, task: Task, column: str) -> list[str]:
     return classes
 
 
-def _numeric_labels(values: pd.Series, rows: pd.Series, column: str, source: str, binary: bool) -> np.ndarray:
+def numeric_labels(values: pd.Series, rows: pd.Series, column: str, source: str, binary: bool) -> np.ndarray:
     """Float labels, NaN where missing; text, infinities and (for 0/1 labels) other numbers are errors."""
     raw = values.to_numpy()
-    missing = np.array([_is_missing(v) for v in raw], dtype=bool)
+    missing = np.array([is_missing(v) for v in raw], dtype=bool)
     plain = [
         np.nan if m else float(v) if isinstance(v, (bool, np.bool_)) else v
         for v, m in zip(raw, missing, strict=True)
@@ -254,7 +259,7 @@ def _drop_unlabelled(frame: pd.DataFrame, task: Task, source: str) -> pd.DataFra
     return frame
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     """An empty cell: None, NaN or blank text."""
     return value is None or (not isinstance(value, str) and bool(pd.isna(value))) or str(value).strip() == ""
 

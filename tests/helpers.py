@@ -130,3 +130,16 @@ def launch_two_processes(script: str, *args: str | Path | int) -> subprocess.Com
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+TINY_RUN = ["configs/regression_tiny.yaml", "--max_steps", "2", "--logging_steps", "1", "--do_predict"]
+
+
+def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`python <args>` from the repository root, as a user runs a script, on one thread; asserts success."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result

@@ -255,7 +255,7 @@ def test_labels_with_gaps_classes_and_bad_values(tmp_path):
         }
     )
     assert data.molecules["cls"].tolist() == [0.0, 1.0, 0.0]  # --class_names sets the order (last: positive)
-    with pytest.raises(ValueError, match=r"labels of 'bad' are not 0 or 1 at rows \[2\]"):
+    with pytest.raises(ValueError, match=r"1 labels in 'bad' are not 0 or 1 .*\(row 2: 2\)"):
         load_data({"train_file": table, "label_column": "bad", "problem_type": "multi_label_classification"})
     with pytest.raises(ValueError, match=r"listed twice"):
         load_data({"train_file": table, "label_column": "a,a"})

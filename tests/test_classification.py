@@ -5,16 +5,13 @@ per problem type as a user starts it."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import micro_config, single_thread  # noqa: F401  (autouse fixture)
+from helpers import TINY_RUN, micro_config, run_script, single_thread  # noqa: F401  (autouse fixture)
 from sklearn import metrics as skm
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
@@ -28,7 +25,6 @@ from molft.splits import make_split
 from molft.tasks import Task, TaskArguments, check_split_labels, make_task, require_single_target_regression
 from tokenization_molformer import MolformerTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 NAN = float("nan")
 SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CN1CCC[C@H]1c1cccnc1", "O=C(O)c1ccccc1", "CCN(CC)CC"]
 SINGLE, MULTI = "single_label_classification", "multi_label_classification"
@@ -289,18 +285,6 @@ def test_influence_and_selection_refuse_a_classifier_before_any_work(tmp_path, s
 
 
 # ---------------------------------------------------------------- the script, once per problem type
-
-
-def run_script(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result
-
-
-TINY_RUN = ["configs/regression_tiny.yaml", "--max_steps", "2", "--logging_steps", "1", "--do_predict"]
 
 
 def test_binary_run_from_string_labels(data_dir, tmp_path):

@@ -4,16 +4,13 @@ statistics and metrics, saving and reloading, and one run_regression.py run as a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TINY_CONFIG, micro_config, single_thread  # noqa: F401  (autouse fixture)
+from helpers import TINY_CONFIG, TINY_RUN, micro_config, run_script, single_thread  # noqa: F401  (autouse fixture)
 from sklearn import metrics as skm
 from transformers import AutoModelForSequenceClassification
 
@@ -26,7 +23,6 @@ from molft.run_data import RegressionDataArguments, prepare_data
 from molft.tasks import Task, TaskArguments, check_split_labels, make_task, require_single_target_regression
 from tokenization_molformer import MolformerTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 NAN = float("nan")
 SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "CN1CCC[C@H]1c1cccnc1", "O=C(O)c1ccccc1", "CCN(CC)CC"]
 
@@ -263,18 +259,6 @@ def write_two_target_table(data_dir: Path, path: Path) -> Path:
     frame.loc[:59, "logS"], frame.loc[60:, "logD"] = NAN, NAN
     frame.to_csv(path, index=False)
     return path
-
-
-def run_script(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result
-
-
-TINY_RUN = ["configs/regression_tiny.yaml", "--max_steps", "2", "--logging_steps", "1", "--do_predict"]
 
 
 def test_two_target_run_writes_per_target_metrics_predictions_and_plots(data_dir, tmp_path):
