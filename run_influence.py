@@ -343,7 +343,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                 setup, parse_list(validation_args.validate_estimators),
                 lambda name: estimator_options(influence_args, estimator_args, setup, model_args, name),
                 influence_args.estimator, EstimatorScores(mean_of(scores), diagnostics["timings"]["total_s"]),
-                scope=influence_args.scope, pool=pool, damping=influence_args.damping, quiet=quiet,
+                scope=influence_args.scope, pool=pool, damping=influence_args.damping,
+                curvature=influence_args.curvature, quiet=quiet,
             )  # fmt: skip
         validation = None
         if validation_args.validate == "ridge":

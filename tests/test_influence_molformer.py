@@ -22,6 +22,7 @@ from molft.influence.molformer import (
     build_problem,
     influence_loss,
     layerwise_layout,
+    problem_for_estimator,
     scope_parameters,
 )
 from molft.influence.per_sample import LayerwiseProblem, LayerwiseUnsupported
@@ -205,3 +206,60 @@ def test_bench_influence_times_the_loop_the_old_best_and_layerwise_side_by_side(
     assert rows["loop"][-3] == "1.00x" and rows["jvp"][-2] == "1.00x"  # speed-ups over the loop, the old best
     assert "vs jvp" in result.stdout
     assert "use cpu seconds" in result.stdout  # one thread on CPU: the work, not a busy machine's waits
+
+
+@pytest.mark.parametrize("head_on_features", [True, False])
+def test_ekfac_scores_a_problem_built_for_cg_as_its_own(head_on_features, tmp_path):
+    """--validate lds scores every estimator on the primary's problem; for cg that forward is a Gauss-Newton
+    linearisation, which kronfluence's wrapped modules cannot run (this crashed a whole LDS run)."""
+    pytest.importorskip("kronfluence")
+    from molft.influence.runner import run_estimator
+
+    model = tiny_regressor()
+    batches = {role: [padded_batch()] for role in ("train", "query", "candidates")}
+
+    def scores_on_problem_of(estimator: str) -> np.ndarray:
+        setup = build_problem(
+            model, squared_error_loss, batches, scope="head", last_k=1, head_on_features=head_on_features,
+            curvature="gauss_newton", estimator=estimator, grad_method="auto", vmap_chunk_size=None,
+            batch_size=5, quiet=True,
+        )  # fmt: skip
+        options = {"damping": 0.01, "strategy": "ekfac", "output_dir": str(tmp_path / estimator)}
+        scores, _ = run_estimator(
+            setup.problem, setup.batches, "ekfac", options, per_query=False, damping=0.01, quiet=True
+        )
+        return scores
+
+    own, on_cg_problem = scores_on_problem_of("ekfac"), scores_on_problem_of("cg")
+    assert np.isfinite(own).all() and np.abs(own).max() > 0
+    np.testing.assert_allclose(on_cg_problem, own, rtol=1e-6, atol=1e-12)
+
+
+def test_each_estimator_gets_its_own_forward_on_a_shared_problem():
+    """TracIn on a problem built for cg took gradients of the linearisation at its checkpoints: the trained
+    model's Jacobian, not the checkpoint's. Each estimator now gets the forward its own problem would have."""
+    model, batch = tiny_regressor(), padded_batch()
+
+    def built(estimator: str) -> LayerwiseProblem:
+        return build_problem(
+            model, squared_error_loss, {"candidates": [batch]}, scope="last_k_layers", last_k=1,
+            head_on_features=False, curvature="gauss_newton", estimator=estimator, grad_method="auto",
+            vmap_chunk_size=None, batch_size=5, quiet=True,
+        ).problem  # fmt: skip
+
+    for_cg, for_tracin = built("cg"), built("tracin")
+    checkpoint = for_cg.theta + 0.05 * torch.randn(
+        for_cg.num_params, generator=torch.Generator().manual_seed(0)
+    )
+    truth = for_tracin.per_sample_grads(batch, checkpoint)
+    assert not torch.allclose(for_cg.per_sample_grads(batch, checkpoint), truth)  # what TracIn used to get
+    plain = problem_for_estimator(for_cg, "tracin", "gauss_newton")
+    assert not isinstance(plain.forward_fn, LinearisedForward)
+    torch.testing.assert_close(plain.per_sample_grads(batch, checkpoint), truth)
+    linearised = problem_for_estimator(for_tracin, "cg", "gauss_newton")
+    assert isinstance(linearised.forward_fn, LinearisedForward)
+    torch.testing.assert_close(
+        linearised.per_sample_grads(batch, checkpoint), for_cg.per_sample_grads(batch, checkpoint)
+    )
+    assert problem_for_estimator(for_cg, "lissa", "gauss_newton") is for_cg
+    assert not isinstance(problem_for_estimator(for_cg, "cg", "hessian").forward_fn, LinearisedForward)

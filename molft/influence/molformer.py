@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +337,24 @@ def curvature_forward(
     return forward_fn
 
 
+def problem_for_estimator(problem: InfluenceProblem, estimator: str, curvature: str) -> InfluenceProblem:
+    """`problem` with the forward `estimator` needs, when one problem serves several (--validate lds).
+
+    exact/cg/lissa under Gauss-Newton curvature need the linearised forward; the others need the model's own
+    (TracIn's gradients at its checkpoints, kronfluence's hooks), which a linearisation only matches at the
+    trained parameters.
+    """
+    linearised = isinstance(problem.forward_fn, LinearisedForward)
+    if linearised == (curvature == "gauss_newton" and estimator in HESSIAN_ESTIMATORS):
+        return problem
+    if not isinstance(problem, LayerwiseProblem):
+        raise TypeError(f"cannot change the forward of a {type(problem).__name__}; build one for {estimator}")
+    if linearised:
+        return problem.with_forward(problem.forward_fn.forward_fn, None)
+    anchor = dict(zip(problem.names, problem.unflatten(problem.theta).values(), strict=True))
+    return problem.with_forward(LinearisedForward(problem.forward_fn, anchor), problem.forward_fn)
+
+
 class LinearisedForward:
     """forward_fn of the model linearised at its trained parameters: f(theta0) + J (theta - theta0).
 
@@ -345,7 +363,7 @@ class LinearisedForward:
     semi-definite, so exact/cg/lissa see a well-posed problem even when the model is not at a minimum.
     """
 
-    def __init__(self, forward_fn: ForwardFn, params: dict[str, nn.Parameter]) -> None:
+    def __init__(self, forward_fn: ForwardFn, params: Mapping[str, torch.Tensor]) -> None:
         self.forward_fn = forward_fn
         self.anchor = {name: param.detach().clone() for name, param in params.items()}
 

@@ -22,6 +22,7 @@ interact); anything unsupported falls back to the parent's methods with a logged
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Collection, Mapping
@@ -361,6 +362,14 @@ class LayerwiseProblem(InfluenceProblem):
                 self.layerwise = LayerwiseGradients(self, forward, layout)
             except LayerwiseUnsupported as error:
                 self._unsupported(error)
+
+    def with_forward(self, forward_fn: ForwardFn, plain_forward: ForwardFn | None) -> LayerwiseProblem:
+        """The same scope, batches and layerwise pass under another forward (the plain model or its
+        Gauss-Newton linearisation), for scoring several estimators on one problem; nothing is recomputed."""
+        other = copy.copy(self)
+        other.forward_fn, other.plain_forward = forward_fn, plain_forward
+        other._module = BoundForward(self.model, forward_fn)
+        return other
 
     def _unsupported(self, error: Exception) -> None:
         if self.layerwise_mode == LAYERWISE:

@@ -379,10 +379,13 @@ def score_estimators(
     scope: str,
     pool: pd.DataFrame,
     damping: float,
+    curvature: str,
     quiet: bool,
 ) -> dict[str, EstimatorScores]:
-    """Every estimator of `names` on the run's own problem (ProblemSetup), named estimator@scope, over the
-    LDS pool; `primary` (already computed) is reused. One that fails is logged and kept with its error."""
+    """Every estimator of `names` on the run's own problem (ProblemSetup), each under the forward it needs,
+    named estimator@scope, over the LDS pool; `primary` (already computed) is reused. One that fails is
+    logged and kept with its error."""
+    from molft.influence.molformer import problem_for_estimator
     from molft.influence.retrain import addable_mask
     from molft.influence.runner import run_estimator
 
@@ -393,12 +396,12 @@ def score_estimators(
             continue
         start = time.perf_counter()
         try:
+            problem = problem_for_estimator(setup.problem, name, curvature)
             scores, _ = run_estimator(
-                setup.problem, setup.batches, name, options_for(name), per_query=False, damping=damping,
-                quiet=quiet,
-            )  # fmt: skip
-        except (FloatingPointError, ValueError, RuntimeError, ImportError) as err:
-            logger.warning("--validate lds: %s on the %s scope failed and is left out: %s", name, scope, err)
+                problem, setup.batches, name, options_for(name), per_query=False, damping=damping, quiet=quiet
+            )
+        except Exception as err:  # one estimator's failure must not end the retraining of the rest
+            logger.warning("--validate lds: %s on the %s scope failed and is left out: %r", name, scope, err)
             error = f"{type(err).__name__}: {str(err)[:200]}"
             results[f"{name}@{scope}"] = EstimatorScores(None, time.perf_counter() - start, error)
             continue
