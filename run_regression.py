@@ -62,7 +62,7 @@ from molft.regression import (
 )
 from molft.run_data import PreparedData, RegressionDataArguments, prepare_data
 from molft.run_record import explicit_options, write_run_config
-from molft.splits import save_split
+from molft.splits import SPLIT_NAMES, save_split
 from molft.task_outputs import done_fields, make_compute_metrics, write_loss_curves
 from molft.tasks import Task, TaskArguments, best_metric, check_split_labels, make_task
 from molft.threads import choose_cpu_threads
@@ -134,6 +134,14 @@ class RunArguments:
         default=None,
         metadata={
             "help": "Debug or quick runs: test metrics and predictions of the first this many test molecules."
+        },
+    )
+    predict_train_split: bool = field(
+        default=True,
+        metadata={
+            "help": "Write the training molecules' predictions to predictions.csv too (false: validation and "
+            "test only; LDS retrainings need one split, and predicting 3,360 molecules costs as much as 100 "
+            "training steps)."
         },
     )
     n_trials: int = field(default=10, metadata={"help": "Number of hyperparameter-search trials."})
@@ -320,7 +328,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     if training_args.do_eval:
         metrics.update(evaluate_splits(trainer, tokenised))
     # predict() gathers across processes, so every rank runs it and only rank 0 writes
-    predictions = predict_splits(trainer, tokenised, data.frames, task)
+    splits = SPLIT_NAMES if run_args.predict_train_split else tuple(n for n in SPLIT_NAMES if n != "train")
+    predictions = predict_splits(trainer, tokenised, data.frames, task, splits)
     unlabelled = predict_unlabelled(trainer, tokenizer, data_args, task) if data_args.predict_file else None
     if training_args.do_predict and not data_args.predict_file:
         logger.info("--do_predict without --predict_file: test-set predictions are in %s.", PREDICTIONS_FILE)

@@ -377,10 +377,11 @@ def predict_splits(
     tokenised: dict[str, datasets.Dataset],
     frames: dict[str, pd.DataFrame],
     task: Task | None = None,
+    splits: Sequence[str] = SPLIT_NAMES,
 ) -> pd.DataFrame:
-    """Predictions in label units (classification: probabilities) for every molecule of every split."""
+    """Predictions in label units (classification: probabilities) for every molecule of `splits`."""
     rows = []
-    for name in SPLIT_NAMES:
+    for name in splits:
         output = trainer.predict(tokenised[name], metric_key_prefix=f"predict_{name}")
         frame = frames[name]
         values = np.asarray(output.predictions, dtype=np.float64)

@@ -274,6 +274,7 @@ def test_retrain_options_replay_the_run(tmp_path):
         run.resolve()
     )  # the run's vocabulary, not one grown from the subset
     assert "extra_train_file" not in scratch and scratch["output_dir"] == str(tmp_path / "out")
+    assert warm["predict_train_split"] is False and scratch["predict_train_split"] is False
     (run / RUN_OPTIONS_FILE).write_text("extra_train_file: sel.csv\n")
     with pytest.raises(ValueError, match="already trained with --extra_train_file"):
         RunRecipe.from_run(run)

@@ -705,6 +705,15 @@ def test_zero_weight_equals_leaving_the_molecule_out(extra_runs):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def test_training_split_predictions_can_be_left_out(lipophilicity, workdir):
+    """LDS retrainings read one split's predictions; predicting the training split cost them about half their time."""
+    out = workdir / "no_train_predictions"
+    start(write_csv(lipophilicity.iloc[:N_MOLECULES], workdir / "small.csv"), out, "--max_steps", 1,
+          "--predict_train_split", "false")  # fmt: skip
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert set(predictions["split"]) == {"validation", "test"} and predictions["prediction"].notna().all()
+
+
 @pytest.mark.parametrize("scaling", ["standard", "minmax"])
 def test_predictions_stay_in_label_units(scaling, lipophilicity, workdir):
     shifted = lipophilicity.iloc[:N_MOLECULES].assign(exp=lambda f: f["exp"] + 100.0)

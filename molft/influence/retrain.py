@@ -254,6 +254,7 @@ class RunRecipe:
             seed=int(seed),
             split_file=str(self.run_dir / SPLIT_FILE),
             report_to="none",
+            predict_train_split=False,  # the query loss reads validation or test predictions only
         )
         if extra_file is not None:
             options.update(extra_train_file=str(extra_file), extra_smiles_column="smiles")
