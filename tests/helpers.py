@@ -143,3 +143,23 @@ def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
+
+
+def lora_round_trip(
+    base: Path, config, out: Path, smiles: list[str], tokenizer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, predictions after reload) of a LoRA adapter on the model saved at `base`, its B matrices
+    random so the adapter changes outputs, saved to `out` with the run's `config` beside it."""
+    from modeling_molformer_reg import MolformerForRegression
+    from molft.peft_setup import PeftOptions, apply_peft, load_regression_checkpoint
+
+    adapted = apply_peft(MolformerForRegression.from_pretrained(base), PeftOptions(peft="lora"))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    adapted.eval()
+    expected = adapted.predict(smiles, tokenizer)
+    adapted.save_pretrained(out)
+    config.save_pretrained(out)
+    return expected, load_regression_checkpoint(out).eval().predict(smiles, tokenizer)

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TINY_CONFIG, TINY_RUN, micro_config, run_script, single_thread  # noqa: F401  (autouse fixture)
+from helpers import TINY_CONFIG, TINY_RUN, lora_round_trip, micro_config, run_script, single_thread  # noqa: F401  (autouse fixture)
 from sklearn import metrics as skm
 from transformers import AutoModelForSequenceClassification
 
 from modeling_molformer_reg import MolformerForRegression
 from molft.io import read_json
 from molft.metrics import METRIC_NAMES, multitarget_regression_metrics, regression_metrics
-from molft.peft_setup import PeftOptions, apply_peft, load_regression_checkpoint
+from molft.peft_setup import load_regression_checkpoint
 from molft.regression import RegressionModelArguments, build_config
 from molft.run_data import RegressionDataArguments, prepare_data
 from molft.tasks import Task, TaskArguments, check_split_labels, make_task, require_single_target_regression
@@ -120,17 +120,10 @@ def test_save_reload_auto_class_and_lora_adapter_give_identical_predictions(tmp_
         torch.testing.assert_close(loaded.predict(SMILES, tokenizer), expected, atol=0, rtol=0)
     # a LoRA adapter with the run's config beside it, on a saved base
     model.save_pretrained(tmp_path / "base")
-    adapted = apply_peft(MolformerForRegression.from_pretrained(tmp_path / "base"), PeftOptions(peft="lora"))
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if "lora_B" in name:
-                param.normal_()
-    adapted.eval()
-    expected = adapted.predict(SMILES, tokenizer)
-    adapted.save_pretrained(tmp_path / "adapter")
-    model.config.save_pretrained(tmp_path / "adapter")
-    reloaded = load_regression_checkpoint(tmp_path / "adapter").eval()
-    torch.testing.assert_close(reloaded.predict(SMILES, tokenizer), expected, atol=0, rtol=0)
+    expected, reloaded = lora_round_trip(
+        tmp_path / "base", model.config, tmp_path / "adapter", SMILES, tokenizer
+    )
+    torch.testing.assert_close(reloaded, expected, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- labels, statistics and metrics
