@@ -225,8 +225,9 @@ def test_ekfac_scores_a_problem_built_for_cg_as_its_own(head_on_features, tmp_pa
             batch_size=5, quiet=True,
         )  # fmt: skip
         options = {"damping": 0.01, "strategy": "ekfac", "output_dir": str(tmp_path / estimator)}
+        problem = problem_for_estimator(setup.problem, "ekfac", "gauss_newton")  # as --validate lds does
         scores, _ = run_estimator(
-            setup.problem, setup.batches, "ekfac", options, per_query=False, damping=0.01, quiet=True
+            problem, setup.batches, "ekfac", options, per_query=False, damping=0.01, quiet=True
         )
         return scores
 

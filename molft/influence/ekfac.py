@@ -234,10 +234,7 @@ class _ProblemTaskMethods:
     def __init__(
         self, problem: InfluenceProblem, tracked: list[str], sampler: SampleTargetsFn | None
     ) -> None:
-        # A problem built for exact/cg/lissa may carry a Gauss-Newton linearisation of the forward, which runs
-        # the model through functional_call; kronfluence fits its own curvature from hooks on modules it has
-        # wrapped (their weights are read-only properties), so it needs the plain forward it linearises.
-        self.forward_fn = getattr(problem, "plain_forward", None) or problem.forward_fn
+        self.forward_fn = problem.forward_fn
         self.loss_fn = problem.loss_fn
         self.tracked = tracked
         self.sampler = sampler
