@@ -50,6 +50,7 @@ from molft.cli import HelpFormatter, help_description, load_config_file  # noqa:
 from molft.files import ALL_RESULTS_FILE, DONE_MARKER, PREDICTIONS_FILE  # noqa: E402
 from molft.io import is_done, mark_done, read_json, write_csv, write_json, write_text  # noqa: E402
 from molft.markdown import markdown_table  # noqa: E402
+from molft.metrics import CLASSIFICATION_METRIC_NAMES  # noqa: E402
 
 logger = logging.getLogger("bench_accuracy")
 
@@ -404,9 +405,7 @@ def result_rows(
     """One row per target (and, for several targets, a `mean` row first), the run's metrics as columns."""
     kind = "regression" if data.problem_type == baselines.REGRESSION else "classification"
     names = (
-        ("rmse", "mae", "r2", "pearson", "spearman")
-        if kind == "regression"
-        else baselines.CLASSIFICATION_METRICS
+        ("rmse", "mae", "r2", "pearson", "spearman") if kind == "regression" else CLASSIFICATION_METRIC_NAMES
     )
     test = data.molecules.iloc[split.positions["test"]]
     base = {"method": method, "split": split.name, "family": split.family, "seed": seed}

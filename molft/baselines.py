@@ -38,7 +38,6 @@ PRIMARY_METRIC = {
     SINGLE_LABEL: ("roc_auc", False),
     MULTI_LABEL: ("roc_auc", False),
 }
-CLASSIFICATION_METRICS = CLASSIFICATION_METRIC_NAMES
 
 
 @dataclass
@@ -174,7 +173,7 @@ def classification_metrics(
     position = {label: i for i, label in enumerate(classes.tolist())}
     indices = np.array([position[label] for label in y_true.tolist()], dtype=np.int64)
     metrics = single_label_metrics(indices, probabilities, [str(c) for c in classes.tolist()])
-    return {name: metrics[name] for name in CLASSIFICATION_METRICS}
+    return {name: metrics[name] for name in CLASSIFICATION_METRIC_NAMES}
 
 
 def prediction_frame(
