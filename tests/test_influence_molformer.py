@@ -188,7 +188,7 @@ def test_bench_influence_times_the_loop_the_old_best_and_layerwise_side_by_side(
     command = [
         sys.executable, "benchmarks/bench_influence.py", "--config", "configs/molformer-tiny.json",
         "--num_molecules", "6", "--batch_size", "3", "--repeats", "2", "--dtype", "float64", "--threads", "1",
-        "--methods", "loop,jvp,layerwise_dot",
+        "--methods", "loop,loop_alone,jvp,layerwise_dot",
     ]  # fmt: skip
     result = subprocess.run(
         command,
@@ -201,9 +201,10 @@ def test_bench_influence_times_the_loop_the_old_best_and_layerwise_side_by_side(
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
     assert "2 rounds of one timed pass per method in turn" in result.stdout
-    for method in ("loop", "jvp", "layerwise_dot"):
+    for method in ("loop", "loop_alone", "jvp", "layerwise_dot"):
         assert float(rows[method][-1]) < 1e-10, rows[method]  # max |diff| from the loop's scores
-    assert rows["loop"][-3] == "1.00x" and rows["jvp"][-2] == "1.00x"  # speed-ups over the loop, the old best
+    # speed-ups over the loop, the unpadded loop and the old best
+    assert rows["loop"][-4] == "1.00x" and rows["loop_alone"][-3] == "1.00x" and rows["jvp"][-2] == "1.00x"
     assert "vs jvp" in result.stdout
     assert "use cpu seconds" in result.stdout  # one thread on CPU: the work, not a busy machine's waits
 
