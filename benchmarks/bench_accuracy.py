@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import logging
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -45,16 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from molft import baselines  # noqa: E402
+from molft.accuracy_report import METHODS, report_markdown, result_rows  # noqa: E402
 from molft.benchmark_data import Data, Split, check_lineup, load_data, make_split_file, read_split  # noqa: E402
 from molft.cli import HelpFormatter, help_description, load_config_file  # noqa: E402
 from molft.files import ALL_RESULTS_FILE, DONE_MARKER, PREDICTIONS_FILE  # noqa: E402
 from molft.io import is_done, mark_done, read_json, write_csv, write_json, write_text  # noqa: E402
-from molft.markdown import markdown_table  # noqa: E402
-from molft.metrics import CLASSIFICATION_METRIC_NAMES  # noqa: E402
 
 logger = logging.getLogger("bench_accuracy")
 
-METHODS = ("molformer", "rf", "chemprop")
 SPLITS_DIR = ROOT.parent / "shared" / "splits"
 DEFAULT_SPLITS = [
     str(SPLITS_DIR / f"{kind}_s{i}.json") for kind in ("random", "scaffold") for i in range(3)
@@ -70,7 +67,6 @@ PASSED_ON = (
     "class_names", "standardize",
 )  # fmt: skip
 OWNED_FLAGS = ("--output_dir", "--seed", "--split_file", "--split", "--split_seed")
-TABLE_METRICS = {"regression": ("rmse", "mae", "r2"), "classification": ("roc_auc", "pr_auc")}
 ALIASES = {"pr_auc": ("average_precision", "prc_auc", "auprc"), "roc_auc": ("auroc", "auc")}
 TIMING_KEYS = ("runtime", "per_second")
 
@@ -399,106 +395,13 @@ def chemprop_scores(
 RUNNERS = {"molformer": run_molformer, "rf": run_forest, "chemprop": run_chemprop}
 
 
-def result_rows(
-    method: str, split: Split, seed: int, metrics: dict[str, Any], wall: float, data: Data
-) -> list[dict[str, Any]]:
-    """One row per target (and, for several targets, a `mean` row first), the run's metrics as columns."""
-    kind = "regression" if data.problem_type == baselines.REGRESSION else "classification"
-    names = (
-        ("rmse", "mae", "r2", "pearson", "spearman") if kind == "regression" else CLASSIFICATION_METRIC_NAMES
-    )
-    test = data.molecules.iloc[split.positions["test"]]
-    base = {"method": method, "split": split.name, "family": split.family, "seed": seed}
-    several = len(data.targets) > 1
-    rows = []
-    for target in (["mean"] if several else []) + data.targets:
-        suffix = f"_{target}" if several and target != "mean" else ""
-        n_test = len(test) if target == "mean" else int(test[target].notna().sum())
-        row = {**base, "target": target, "n_train": len(split.positions["train"]), "n_test": n_test}
-        row.update({name: float(metrics.get(name + suffix, np.nan)) for name in names})
-        rows.append({**row, "wall_time_s": wall})
-    return rows
-
-
-def mean_std(values: pd.Series, digits: int = 3) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
-
-
-def summarise(results: pd.DataFrame, problem_type: str) -> pd.DataFrame:
-    """Mean ± std over splits x seeds per target, split family and method; MoLFormer's primary metric over each peer's."""
-    kind = "regression" if problem_type == baselines.REGRESSION else "classification"
-    primary, _ = baselines.PRIMARY_METRIC[problem_type]
-    labels = {"rmse": "RMSE", "mae": "MAE", "r2": "R²", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}
-    ratio_column = f"MoLFormer/peer {labels[primary]}"
-    rows = []
-    for (target, family), group in results.groupby(["target", "family"], sort=False):
-        reference = group[group["method"] == "molformer"]
-        for method in [m for m in METHODS if m in set(group["method"])]:
-            runs = group[group["method"] == method]
-            row = {"target": target, "split family": family, "method": method, "runs": len(runs)}
-            row.update({labels[m]: mean_std(runs[m]) for m in TABLE_METRICS[kind]})
-            paired = reference.merge(runs, on=["split", "seed"], suffixes=("_ref", ""))
-            row[ratio_column] = (
-                f"{paired[primary + '_ref'].mean() / paired[primary].mean():.3f}"
-                if method != "molformer" and len(paired)
-                else ""
-            )
-            row["wall s/run"] = mean_std(runs["wall_time_s"], digits=1)
-            rows.append(row)
-    summary = pd.DataFrame(rows)
-    if results["target"].nunique() == 1:
-        summary = summary.drop(columns="target")
-    return summary
-
-
-def machine(methods: list[str]) -> str:
-    text = (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    )
-    if "molformer" in methods or "chemprop" in methods:
-        import torch  # only when a neural method runs: torch is slow to import
-
-        if torch.cuda.is_available():
-            text += f", GPU {torch.cuda.get_device_name()}"
-    threads = os.environ.get("OMP_NUM_THREADS")
-    return text + (f", OMP_NUM_THREADS={threads}" if threads else "")
-
-
 def write_report(
     ctx: Context, results: pd.DataFrame, notes: list[str], command: str, methods: list[str]
 ) -> str:
     """bench_accuracy.csv (every run) and bench_accuracy.md (summary, command, machine, notes); the summary."""
     write_csv(ctx.output_dir / RESULTS_CSV, results)
-    summary = markdown_table(summarise(results, ctx.data.problem_type))
-    data = ctx.data
-    lines = [
-        "# Test accuracy beside peers, on the same split files",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine(methods)}  ",
-        f"Data: {data.source}; targets {', '.join(data.targets)} ({data.problem_type}); "
-        f"{results['split'].nunique()} splits x {results['seed'].nunique()} seeds",
-        "",
-        summary,
-        "",
-        "Mean ± sample std over splits x seeds. The ratio is MoLFormer's mean over the peer's, on the runs both "
-        f"have. The forest trains on the train part only (its {ctx.args.rf_trees} trees and scikit-learn defaults "
-        "leave nothing to choose on validation); MoLFormer and chemprop use the validation part for early stopping. Wall "
-        "time is per run (a whole run_regression.py or chemprop process; fingerprints, fit and prediction for "
-        "the forest).",
-        *(f"- {note}" for note in notes),
-        "",
-        "## Every run",
-        "",
-        markdown_table(results),
-        "",
-    ]
-    write_text(ctx.output_dir / RESULTS_MD, "\n".join(lines))
+    text, summary = report_markdown(results, ctx.data, notes, command, methods, ctx.args.rf_trees)
+    write_text(ctx.output_dir / RESULTS_MD, text)
     return summary
 
 
