@@ -32,6 +32,12 @@ def load_suite():
     return sys.modules["gpu_suite"]
 
 
+def load_measure():
+    """benchmarks/gpu_measure.py, as the suite imports it (loading the suite puts benchmarks/ on sys.path)."""
+    load_suite()
+    return importlib.import_module("gpu_measure")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, data_dir) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("suite")
@@ -89,21 +95,21 @@ def test_smoke_run_fine_tunes_scores_and_pretrains(smoke_run):
 
 def test_flops_count_every_matmul_of_the_encoder():
     """Per token, each Linear weight costs 2 FLOPs per entry; the attention adds 8 x H x m per layer."""
-    suite = load_suite()
+    measure = load_measure()
     config = MolformerConfig(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, intermediate_size=80)
     with torch.device("meta"):
         model = MolformerModel(config)
     linear = sum(m.weight.numel() for m in model.encoder.modules() if isinstance(m, nn.Linear))
     attention = 8 * config.hidden_size * config.num_random_features * config.num_hidden_layers
-    assert suite.forward_flops_per_token(config) == 2 * linear + attention
+    assert measure.forward_flops_per_token(config) == 2 * linear + attention
     lm_head = 2 * 48 * 48 + 2 * 48 * config.vocab_size
-    assert suite.forward_flops_per_token(config, lm_head=True) == 2 * linear + attention + lm_head
-    assert suite.mfu(2e12, 2.0, 1.0) == pytest.approx(1.0) and suite.mfu(1.0, 1.0, None) is None
+    assert measure.forward_flops_per_token(config, lm_head=True) == 2 * linear + attention + lm_head
+    assert measure.mfu(2e12, 2.0, 1.0) == pytest.approx(1.0) and measure.mfu(1.0, 1.0, None) is None
 
 
 def test_batches_are_length_grouped_or_randomly_padded(data_dir):
-    suite = load_suite()
-    smiles = suite.smiles_of(data_dir / "lipophilicity.csv", limit=400)
+    measure = load_measure()
+    smiles = measure.smiles_of(data_dir / "lipophilicity.csv", limit=400)
     tokenizer = MolformerTokenizer.from_smiles(smiles)
     encoded = tokenizer(smiles)["input_ids"]
 
@@ -111,14 +117,14 @@ def test_batches_are_length_grouped_or_randomly_padded(data_dir):
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         return sum(b["input_ids"].numel() for b in batches) / real - 1
 
-    grouped = suite.make_batches(tokenizer, encoded, 16, 5, "length_grouped")
-    padded = suite.make_batches(tokenizer, encoded, 16, 5, "padded")
+    grouped = measure.make_batches(tokenizer, encoded, 16, 5, "length_grouped")
+    padded = measure.make_batches(tokenizer, encoded, 16, 5, "padded")
     assert [len(b["input_ids"]) for b in grouped + padded] == [16] * 10
     assert overhead(grouped) < 0.1 < overhead(padded)
     lengths = [b["input_ids"].shape[1] for b in grouped]
     assert lengths == sorted(lengths)  # quantiles of the length distribution, shortest first
     with pytest.raises(ValueError, match="hold 25 batches of 16, not 30"):
-        suite.make_batches(tokenizer, encoded, 16, 30, "padded")
+        measure.make_batches(tokenizer, encoded, 16, 30, "padded")
 
 
 def test_exhausted_time_budget_skips_sections_and_says_so(tmp_path):
@@ -136,13 +142,14 @@ def test_exhausted_time_budget_skips_sections_and_says_so(tmp_path):
 
 
 def test_peak_lookup_knows_the_target_gpus():
-    suite = load_suite()
-    assert suite.gpu_peak_tflops(torch.device("cpu"), None) is None
-    assert suite.gpu_peak_tflops(torch.device("cpu"), 123.0) == 123.0
-    assert suite.peak_for_gpu("NVIDIA H100 80GB HBM3") == suite.peak_for_gpu("NVIDIA H200") == 989.4  # SXM
-    assert suite.peak_for_gpu("NVIDIA H100 PCIe") == 756.0
-    assert suite.peak_for_gpu("NVIDIA A100-SXM4-80GB") == 312.0
-    assert suite.peak_for_gpu("Tesla T4") is None
+    measure = load_measure()
+    assert measure.gpu_peak_tflops(torch.device("cpu"), None) is None
+    assert measure.gpu_peak_tflops(torch.device("cpu"), 123.0) == 123.0
+    # the SXM H100 reports itself as "NVIDIA H100 80GB HBM3"
+    assert measure.peak_for_gpu("NVIDIA H100 80GB HBM3") == measure.peak_for_gpu("NVIDIA H200") == 989.4
+    assert measure.peak_for_gpu("NVIDIA H100 PCIe") == 756.0
+    assert measure.peak_for_gpu("NVIDIA A100-SXM4-80GB") == 312.0
+    assert measure.peak_for_gpu("Tesla T4") is None
 
 
 @pytest.mark.cuda
