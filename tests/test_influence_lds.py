@@ -3,20 +3,22 @@ process, exact curvature; and the pieces of the subprocess retraining that need 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 
 from modeling_molformer_reg import MolformerForRegression
 from molft.files import DONE_MARKER, LDS_GROUPS_FILE, LDS_SUBSETS_FILE, LDS_SUMMARY_FILE, RUN_OPTIONS_FILE
 from molft.influence import InfluenceProblem, compute_influence, ridge_weights
 from molft.influence.features import feature_batches, linear_forward
-from molft.influence.lds import LdsArguments, draw_subsets, evaluate, retrain_shard
-from molft.influence.retrain import RetrainJob, RunRecipe, query_loss
+from molft.influence.lds import LdsArguments, check_arguments, draw_subsets, evaluate, retrain_shard
+from molft.influence.retrain import RetrainJob, RunRecipe, query_loss, retraining_seeds
 from molft.influence.validation import EstimatorScores, extra_scores, spearman_interval, validation_mode
 from molft.io import read_json
 from molft.peft_setup import PeftOptions, apply_peft
@@ -128,6 +130,43 @@ def test_exact_influence_predicts_retraining_a_linear_model(ridge, scores, tmp_p
     reference = retrain(RetrainJob("r", 1, "reference", "reference"), tmp_path)
     np.testing.assert_allclose(table["loss_seed1"] - reference, table["change_seed1"])  # same sign as scores
     assert read_json(tmp_path / LDS_SUMMARY_FILE)["estimators"]["exact"]["lds"] == exact["lds"]
+
+
+def test_more_seeds_give_their_agreement_and_a_mean_that_noise_caps_less(ridge, scores, tmp_path):
+    """Seed-dependent noise on the exact refit: the mean over 4 seeds is more reliable than any one seed."""
+
+    def noisy(job: RetrainJob, job_dir: Path) -> float:
+        digest = int(hashlib.sha1(f"{job.name}/{job.seed}".encode()).hexdigest()[:8], 16)
+        return ridge.scratch(job, job_dir) + 0.004 * np.random.default_rng(digest).standard_normal()
+
+    args = lds_args(lds_retrain="scratch", lds_group_k=0, lds_more_seeds=2)
+    summary = evaluate(args, scores, ridge.pool, noisy, [1, 2, 3, 4], tmp_path / "lds", tmp_path)
+    table = pd.read_csv(tmp_path / LDS_SUBSETS_FILE)
+    agreement = summary["seed_agreement"]
+    assert set(agreement["pairs"]) == {"1-2", "1-3", "1-4", "2-3", "2-4", "3-4"} and agreement["seeds"] == 4
+    assert agreement["pairs"]["2-4"] == pytest.approx(
+        spearmanr(table["change_seed2"], table["change_seed4"])[0]
+    )
+    r = np.mean(list(agreement["pairs"].values()))
+    assert 0 < r < 0.95 and agreement["seed_mean_reliability"] == pytest.approx(4 * r / (1 + 3 * r))
+    assert summary["noise_ceiling"] == agreement["pairs"]["1-2"]  # the two-seed ceiling is kept as it was
+    exact = summary["estimators"]["exact"]
+    mean_change = table[[f"change_seed{seed}" for seed in (1, 2, 3, 4)]].mean(axis=1)
+    assert exact["lds_seed_mean"] == pytest.approx(spearmanr(table["pred_exact"], mean_change)[0])
+    assert exact["lds_seed_mean_ci"][0] <= exact["lds_seed_mean"] <= exact["lds_seed_mean_ci"][1]
+    per_seed = [spearmanr(table["pred_exact"], table[f"change_seed{seed}"])[0] for seed in (1, 2, 3, 4)]
+    assert exact["lds_seed_mean"] > np.mean(per_seed)  # averaging the seeds cuts the noise
+
+
+def test_retraining_seeds_count_on_from_the_second_and_skip_the_runs_own():
+    assert retraining_seeds(1, noise=False, noise_seed=None, more_seeds=0) == [1]
+    assert retraining_seeds(1, noise=True, noise_seed=None) == [1, 2]
+    assert retraining_seeds(1, noise=True, noise_seed=None, more_seeds=2) == [1, 2, 3, 4]
+    assert retraining_seeds(3, noise=True, noise_seed=2, more_seeds=2) == [3, 2, 4, 5]
+    with pytest.raises(ValueError, match="the run's own seed"):
+        retraining_seeds(3, noise=True, noise_seed=3)
+    with pytest.raises(ValueError, match="--lds_more_seeds"):
+        check_arguments(lds_args(lds_more_seeds=1, lds_noise=False))
 
 
 def test_saved_scores_are_judged_against_another_retraining_without_rescoring(ridge, scores, tmp_path):

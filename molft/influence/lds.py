@@ -11,7 +11,9 @@ helpful), so the sum over a subset predicts loss(subset) - loss(reference), the 
 SAME sign. A good estimator has LDS near +1; near 0 it predicts nothing; negative, it ranks backwards.
 
 Controls: the noise ceiling is the Spearman correlation between the measured changes of two retraining
-seeds (with noise independent between seeds, a single-seed LDS cannot exceed about its square root); the
+seeds (with noise independent between seeds, a single-seed LDS cannot exceed about its square root); with
+more seeds the mean change is more reliable (Spearman-Brown: k r / (1 + (k - 1) r) from the mean pairwise
+agreement r), and the LDS against it is capped less; the
 shuffled control permutes scores across molecules (its LDS sits near 0). The group check retrains with
 the top-k, bottom-k and random-k selections run_selection.py makes (molft.selection) and sets the predicted
 change (sum of scores / n_train, the first-order estimate) next to the measured one.
@@ -43,6 +45,7 @@ from molft.files import (
     LDS_SUBSETS_FILE,
     LDS_SUMMARY_FILE,
 )
+from molft.influence.lds_stats import correlation_record, json_number, seed_agreement, shuffled_control
 from molft.influence.retrain import (
     RetrainFn,
     RetrainJob,
@@ -55,7 +58,7 @@ from molft.influence.retrain import (
     run_jobs,
     run_retrainer,
 )
-from molft.influence.validation import EstimatorScores, extra_scores, safe_spearman, spearman_interval
+from molft.influence.validation import EstimatorScores, extra_scores, safe_spearman
 from molft.io import read_json, write_csv, write_json
 from molft.run_record import file_sha256
 from molft.selection import SelectionPool, pool_ids, select
@@ -97,6 +100,15 @@ class LdsArguments:
     lds_noise: bool = field(default=True, metadata={"help": "Retrain every subset with a second seed too."})
     lds_noise_seed: int | None = field(
         default=None, metadata={"help": "Second retraining seed (default: the run's seed + 1)."}
+    )
+    lds_more_seeds: int = field(
+        default=0,
+        metadata={
+            "help": "Retrain every subset with this many more seeds after the second (the second + 1, + 2, ...): "
+            "each adds M + 1 retrainings. The summary then gives every pair of seeds' agreement, the "
+            "reliability of the mean over all seeds, and each estimator's LDS against that mean, which one "
+            "seed's noise caps less."
+        },
     )
     lds_group_k: int = field(
         default=60, metadata={"help": "k of the top-k/bottom-k/random-k group check (0: no group check)."}
@@ -159,6 +171,11 @@ def check_arguments(args: LdsArguments, run_dir: str | None = None) -> None:
         raise ValueError(f"--lds_fraction must be in (0, 1), got {args.lds_fraction}.")
     if args.lds_retrain not in RETRAIN_MODES:
         raise ValueError(f"--lds_retrain must be one of {RETRAIN_MODES}, got {args.lds_retrain!r}.")
+    if args.lds_more_seeds < 0 or (args.lds_more_seeds and not args.lds_noise):
+        raise ValueError(
+            f"--lds_more_seeds takes a count >= 0 of seeds after the second (--lds_noise), got "
+            f"{args.lds_more_seeds} with --lds_noise {args.lds_noise}."
+        )
     for flag, value, low in (("--lds_warm_steps", args.lds_warm_steps, 1), ("--lds_group_k", args.lds_group_k, 0),
                              ("--lds_bootstrap", args.lds_bootstrap, 1), ("--lds_shuffles", args.lds_shuffles, 1)):  # fmt: skip
         if value < low:
@@ -191,33 +208,6 @@ def selection_groups(pool: pd.DataFrame, scores: np.ndarray, k: int, seed: int) 
         name: select(strategy, candidates, k, seed, **params).indices
         for name, (strategy, params) in GROUP_MODES.items()
     }
-
-
-# ----------------------------------------------------------------------------------------------- statistics
-
-
-def correlation_record(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dict[str, float | None]:
-    """{"lds", "ci_low", "ci_high"}: Spearman of predictions x with measured changes y, and its interval."""
-    low, high = spearman_interval(x, y, n_boot, seed)
-    return {"lds": _number(safe_spearman(x, y)), "ci_low": _number(low), "ci_high": _number(high)}
-
-
-def shuffled_control(
-    scores: np.ndarray, membership: np.ndarray, measured: np.ndarray, repeats: int, seed: int
-) -> dict[str, Any]:
-    """LDS of scores permuted across molecules: the distribution an uninformative estimator gets."""
-    rng = np.random.default_rng([seed, 11])
-    values = np.array([safe_spearman(membership @ rng.permutation(scores), measured) for _ in range(repeats)])
-    return {"mean": _number(np.nanmean(values)), "sd": _number(np.nanstd(values)), "repeats": repeats,
-            "values": [_number(v) for v in values]}  # fmt: skip
-
-
-def _number(value: float) -> float | None:
-    """A float for JSON: NaN (no ranking) becomes null."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-# ------------------------------------------------------------------------------------------------ the result
 
 
 def assemble(
@@ -260,10 +250,10 @@ def assemble(
         table[f"pred_{name}"] = prediction
         estimators[name] = {**correlation_record(prediction, measured, b, s), "seconds": entry.seconds}
         if len(seeds) > 1:
-            estimators[name]["lds_noise_seed"] = _number(safe_spearman(prediction, changes[seeds[1]]))
-            estimators[name]["lds_seed_mean"] = _number(
-                safe_spearman(prediction, np.mean(list(changes.values()), 0))
-            )
+            estimators[name]["lds_noise_seed"] = json_number(safe_spearman(prediction, changes[seeds[1]]))
+            against_mean = correlation_record(prediction, np.mean(list(changes.values()), 0), b, s)
+            estimators[name]["lds_seed_mean"] = against_mean["lds"]
+            estimators[name]["lds_seed_mean_ci"] = [against_mean["ci_low"], against_mean["ci_high"]]
     noise = correlation_record(changes[seeds[0]], changes[seeds[1]], b, s) if len(seeds) > 1 else None
     usable = [name for name, entry in scores.items() if entry.scores is not None]
     control_of = primary if primary in usable else (usable[0] if usable else None)
@@ -271,6 +261,7 @@ def assemble(
         "estimators": estimators,
         "noise_ceiling": noise and noise["lds"],
         "noise_ceiling_ci": noise and [noise["ci_low"], noise["ci_high"]],
+        "seed_agreement": seed_agreement(changes),
         "retrain": args.lds_retrain,
         "warm_steps": args.lds_warm_steps if args.lds_retrain == "warm" else None,
         "subsets": len(membership),
@@ -344,6 +335,13 @@ def log_summary(summary: dict[str, Any]) -> None:
             lines.append(f"  {name}: {entry['lds']:+.3f} [{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}]")
     if summary["noise_ceiling"] is not None:
         lines.append(f"  noise ceiling (seed vs seed): {summary['noise_ceiling']:+.3f}")
+    agreement = summary.get("seed_agreement") or {}
+    if agreement.get("seeds", 0) > 2 and agreement["mean_pair"] is not None:
+        reliability = agreement["seed_mean_reliability"]
+        lines.append(
+            f"  {agreement['seeds']} seeds: mean pairwise {agreement['mean_pair']:+.3f}, reliability of their "
+            f"mean {'n/a' if reliability is None else f'{reliability:+.3f}'}"
+        )
     control = summary["shuffled_control"]
     if control and control["mean"] is not None:
         lines.append(
@@ -431,7 +429,8 @@ def run_setting(
     """The run's retrainer and retraining seeds, the LDS directory, and what the plan records of the run."""
     retrainer, seeds = run_retrainer(
         run_dir, args.lds_retrain, pool, query_frame, query_split, warm_steps=args.lds_warm_steps,
-        noise=args.lds_noise, noise_seed=args.lds_noise_seed, launcher=args.lds_launcher,
+        noise=args.lds_noise, noise_seed=args.lds_noise_seed, more_seeds=args.lds_more_seeds,
+        launcher=args.lds_launcher,
         extra_args=args.lds_retrain_args, keep_models=args.lds_keep_models,
     )  # fmt: skip
     lds_dir = Path(args.lds_dir) if args.lds_dir else Path(output_dir) / LDS_RETRAIN_DIR

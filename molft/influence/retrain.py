@@ -394,19 +394,32 @@ def addable_pool(pool: pd.DataFrame) -> pd.DataFrame:
     return pool[addable_mask(pool)].reset_index(drop=True)
 
 
+def retraining_seeds(run_seed: int, noise: bool, noise_seed: int | None, more_seeds: int = 0) -> list[int]:
+    """The run's seed; with `noise` a second (default: the run's + 1), then `more_seeds` counting on from the
+    second and skipping the run's own."""
+    seeds = [run_seed]
+    if not noise:
+        return seeds
+    seeds.append(run_seed + 1 if noise_seed is None else noise_seed)
+    if seeds[1] == run_seed:
+        raise ValueError(f"--lds_noise_seed {seeds[1]} is the run's own seed; choose another.")
+    candidate = seeds[1]
+    while len(seeds) < 2 + more_seeds:
+        candidate += 1
+        if candidate != run_seed:
+            seeds.append(candidate)
+    return seeds
+
+
 def run_retrainer(
     run_dir: str, mode: str, pool: pd.DataFrame, query_frame: pd.DataFrame, query_split: str, *,
     warm_steps: int, noise: bool, noise_seed: int | None, launcher: str | None, extra_args: str | None,
-    keep_models: bool,
+    keep_models: bool, more_seeds: int = 0,
 ) -> tuple[SubprocessRetrainer, list[int]]:  # fmt: skip
     """The subprocess retrainer of a finished run and its retraining seeds: the run's, then (with `noise`)
-    a second one (default: the run's + 1)."""
+    a second one (default: the run's + 1) and `more_seeds` after it (the second + 1, + 2, ...)."""
     recipe = RunRecipe.from_run(run_dir)
-    seeds = [recipe.seed]
-    if noise:
-        seeds.append(recipe.seed + 1 if noise_seed is None else noise_seed)
-        if seeds[1] == seeds[0]:
-            raise ValueError(f"--lds_noise_seed {seeds[1]} is the run's own seed; choose another.")
+    seeds = retraining_seeds(recipe.seed, noise, noise_seed, more_seeds)
     retrainer = SubprocessRetrainer(
         recipe, mode, addable_pool(pool), query_frame, query_split, warm_steps=warm_steps, launcher=launcher,
         extra_args=extra_args, keep_models=keep_models,
