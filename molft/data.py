@@ -7,7 +7,6 @@ silently changing the data a model is trained or evaluated on.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -21,6 +20,7 @@ import pandas as pd
 from rdkit import Chem
 
 from molft.chem import check_standardize, n_components, parse_smiles, standardize_mol
+from molft.overlap import MAX_EXAMPLES, duplicate_report
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ _SPLIT_ALIASES = {
     "dev": "validation",
     "test": "test",
 }
-_MAX_EXAMPLES = 5
 _MAX_BAD_ROWS = 10
 
 
@@ -329,7 +328,7 @@ def prepare_molecules(
             source,
             n_invalid,
             len(df),
-            "; ".join(bad[:_MAX_EXAMPLES]),
+            "; ".join(bad[:MAX_EXAMPLES]),
         )
     if not valid.any():
         raise ValueError(f"split/file {source} has no valid molecules ({len(df)} rows read).")
@@ -391,7 +390,7 @@ def _report_components(
     def examples(positions: list[int], show_result: bool = False) -> str:
         return "; ".join(
             f"row {rows[i]}: {raw_smiles[i]!r}" + (f" -> {parsed[i][0]}" if show_result else "")
-            for i in positions[:_MAX_EXAMPLES]
+            for i in positions[:MAX_EXAMPLES]
         )
 
     multi = [i for i, (_, _, n, _) in enumerate(parsed) if n > 1]
@@ -442,69 +441,3 @@ def _checked_labels(values: pd.Series, rows: np.ndarray, column: str, source: st
             f"({shown}{' ...' if bad.size > _MAX_BAD_ROWS else ''}). Fix or remove these rows."
         )
     return numeric
-
-
-def duplicate_report(df: pd.DataFrame) -> dict[str, Any]:
-    """Summarise repeated canonical SMILES in a prepared frame (repeats with different labels matter most)."""
-    counts = df["canonical_smiles"].value_counts(sort=False)
-    repeated = counts[counts > 1]
-    examples = []
-    max_label_spread = 0.0
-    if len(repeated):
-        groups = df[df["canonical_smiles"].isin(repeated.index)].groupby("canonical_smiles", sort=True)
-        for smi, group in groups:
-            rows = group["row"].tolist() if "row" in group else group.index.tolist()
-            example: dict[str, Any] = {"canonical_smiles": smi, "rows": [int(r) for r in rows]}
-            if "label" in group:
-                spread = float(group["label"].max() - group["label"].min())
-                example["labels"] = [float(v) for v in group["label"]]
-                max_label_spread = max(max_label_spread, spread)
-            if len(examples) < _MAX_EXAMPLES:
-                examples.append(example)
-    report: dict[str, Any] = {
-        "n_duplicated_molecules": len(repeated),
-        "n_extra_rows": int((repeated - 1).sum()),
-        "examples": examples,
-    }
-    if "label" in df:
-        report["max_label_spread"] = max_label_spread
-    return report
-
-
-def drop_overlap(
-    extra: pd.DataFrame, heldout: Mapping[str, pd.DataFrame], drop: bool = True
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Remove molecules of `extra` (e.g. an external or pretraining set) that also appear in held-out splits.
-
-    Keeping them would leak evaluation molecules into training; the overlap is always reported.
-    """
-    report: dict[str, int] = {}
-    in_any = np.zeros(len(extra), dtype=bool)
-    examples: list[str] = []
-    for split_name, frame in heldout.items():
-        overlap = extra["canonical_smiles"].isin(set(frame["canonical_smiles"])).to_numpy()
-        report[split_name] = int(overlap.sum())
-        in_any |= overlap
-        examples += [f"{split_name}: {s}" for s in extra["canonical_smiles"][overlap][:_MAX_EXAMPLES]]
-    report["dropped"] = int(in_any.sum()) if drop else 0
-    if in_any.any():
-        counts = ", ".join(f"{k}={v}" for k, v in report.items() if k != "dropped")
-        logger.warning(
-            "%d of %d molecules also occur in held-out splits (%s) and are %s, e.g. %s",
-            int(in_any.sum()),
-            len(extra),
-            counts,
-            "dropped" if drop else "KEPT",
-            "; ".join(examples[:_MAX_EXAMPLES]),
-        )
-    kept = extra[~in_any] if drop else extra
-    return kept.reset_index(drop=True), report
-
-
-def dataset_fingerprint(canonical_smiles: Sequence[str]) -> str:
-    """sha256 of the ordered canonical SMILES: identifies the exact prepared dataset a split belongs to."""
-    digest = hashlib.sha256()
-    for smi in canonical_smiles:
-        digest.update(str(smi).encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()

@@ -24,16 +24,9 @@ import pandas as pd
 from rdkit import Chem
 
 from molft.chem import canonical_smiles, check_standardize, mol_from_smiles, standardize_mol
-from molft.data import (
-    SMILES_CANDIDATES,
-    dataset_fingerprint,
-    drop_overlap,
-    find_column,
-    load_raw_dataset,
-    prepare_molecules,
-    read_table,
-)
+from molft.data import SMILES_CANDIDATES, find_column, load_raw_dataset, prepare_molecules, read_table
 from molft.io import read_json
+from molft.overlap import dataset_fingerprint, drop_overlap
 from molft.splits import read_split_smiles
 
 if TYPE_CHECKING:

@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from molft.chem import STANDARDIZE_OPTIONS, check_standardize
-from molft.data import drop_overlap, load_raw_dataset, read_table
+from molft.data import load_raw_dataset, read_table
 from molft.files import SPLIT_FILE
 from molft.io import read_json
 from molft.labels import encode_labels, prepare_extra, prepare_frame
+from molft.overlap import drop_overlap
 from molft.run_record import (
     FILE_OPTIONS,
     SOURCE_OPTIONS,

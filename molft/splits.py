@@ -22,8 +22,8 @@ from rdkit.SimDivFilters import rdSimDivPickers
 from sklearn.model_selection import train_test_split
 
 from molft import chem
-from molft.data import dataset_fingerprint
 from molft.io import read_json, write_json
+from molft.overlap import dataset_fingerprint
 
 logger = logging.getLogger(__name__)
 

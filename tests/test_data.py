@@ -13,9 +13,6 @@ from molft.data import (
     LABEL_CANDIDATES,
     LIPOPHILICITY_HUB_ID,
     SMILES_CANDIDATES,
-    dataset_fingerprint,
-    drop_overlap,
-    duplicate_report,
     embedded_lipophilicity_path,
     find_column,
     frames_from_hub,
@@ -23,6 +20,7 @@ from molft.data import (
     prepare_molecules,
     read_table,
 )
+from molft.overlap import dataset_fingerprint, drop_overlap, duplicate_report
 
 
 def _frame(smiles: list[object], labels: list[object] | None = None) -> pd.DataFrame:

@@ -20,9 +20,10 @@ import modeling_molformer  # noqa: F401  (registers MoLFormer with the Auto clas
 import modeling_molformer_reg
 import run_mlm
 from molft.chem import canonical_smiles
-from molft.data import dataset_fingerprint, load_raw_dataset, prepare_molecules
+from molft.data import load_raw_dataset, prepare_molecules
 from molft.files import DONE_MARKER, MLM_DATA_SUMMARY_FILE, MLM_LOSS_CURVE_FILE
 from molft.io import read_json
+from molft.overlap import dataset_fingerprint
 from molft.preflight import PreflightError
 from molft.splits import make_split, read_split_smiles, save_split
 from tokenization_molformer import MolformerTokenizer

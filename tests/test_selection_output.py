@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from molft.data import dataset_fingerprint
 from molft.files import MANIFEST_FILE, MERGED_TRAIN_FILE, SELECTED_FILE
+from molft.overlap import dataset_fingerprint
 from molft.selection import (
     Selection,
     merge_selected_into_train,

@@ -11,7 +11,8 @@ import pytest
 from rdkit.ML.Cluster import Butina
 
 from molft import chem
-from molft.data import dataset_fingerprint, embedded_lipophilicity_path, prepare_molecules
+from molft.data import embedded_lipophilicity_path, prepare_molecules
+from molft.overlap import dataset_fingerprint
 from molft.splits import (
     SPLIT_METHODS,
     SplitResult,

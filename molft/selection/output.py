@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from molft import __version__
-from molft.data import dataset_fingerprint
 from molft.files import MANIFEST_FILE, MERGED_TRAIN_FILE, SELECTED_FILE
 from molft.io import write_csv, write_json
+from molft.overlap import dataset_fingerprint
 from molft.selection.pool import canonical_column, pool_ids
 from molft.selection.registry import Selection
 
