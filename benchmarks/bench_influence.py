@@ -1,7 +1,7 @@
 """Time and peak memory of scoring external molecules: batched per-sample gradients vs one backward each.
 
 Scoring a candidate is one dot product of its loss gradient with the inverse-HVP of the query gradient
-(solved once, reused for every candidate), so the cost is the candidates' gradients. Five ways, one run:
+(solved once, reused for every candidate), so the cost is the candidates' gradients. Six ways, one run:
 
   loop           one backward pass per molecule (`InfluenceProblem.per_sample_grads_looped`, the reference),
                  each molecule cut from its padded batch, as `grad_method="loop"` scores a batch

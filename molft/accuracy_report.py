@@ -42,7 +42,7 @@ def result_rows(
 
 
 def mean_std(values: pd.Series, digits: int = 3) -> str:
-    """ "mean ± sample std" of the non-missing values; the value alone for one, "n/a" for none."""
+    """The non-missing values as mean ± sample std; the value alone for one, "n/a" for none."""
     values = values.dropna()
     if values.empty:
         return "n/a"

@@ -430,8 +430,7 @@ def run_setting(
     retrainer, seeds = run_retrainer(
         run_dir, args.lds_retrain, pool, query_frame, query_split, warm_steps=args.lds_warm_steps,
         noise=args.lds_noise, noise_seed=args.lds_noise_seed, more_seeds=args.lds_more_seeds,
-        launcher=args.lds_launcher,
-        extra_args=args.lds_retrain_args, keep_models=args.lds_keep_models,
+        launcher=args.lds_launcher, extra_args=args.lds_retrain_args, keep_models=args.lds_keep_models,
     )  # fmt: skip
     lds_dir = Path(args.lds_dir) if args.lds_dir else Path(output_dir) / LDS_RETRAIN_DIR
     plan = {"run": str(retrainer.recipe.run_dir), "external_file_sha256": file_sha256(external_file),
