@@ -163,7 +163,7 @@ def test_heldout_molecules_are_removed_and_logged(corpus_smiles, tmp_path, capsy
     assert summary["corpus_fingerprint"] == dataset_fingerprint(sorted(canonical_smiles(s) for s in train))
     # the script logs to stdout (transformers-examples style), which is what a user sees
     log = capsys.readouterr().out.splitlines()
-    warning = next(line for line in log if " - WARNING - molft.data - " in line and "held-out" in line)
+    warning = next(line for line in log if " - WARNING - molft.overlap - " in line and "held-out" in line)
     assert "10 of 110" in warning and canonical_smiles(leaked[0]) in warning
 
 
