@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     old_best = min(earlier, key=lambda name: results[name][clock]) if earlier else "none"
     print(
         f"{'method':<14}{'cpu s':>8}{'wall s':>8}{'wall min-max':>14}{'molecules/s':>12}{'peak MiB':>9}"
-        f"{'vs loop':>9}{'vs alone':>9}{f'vs {old_best}':>10}{'max |diff|':>11}"
+        f"{'vs loop':>9}{'vs alone':>9}{f'vs {old_best}' if earlier else '':>10}{'max |diff|':>11}"
     )
     for name in args.methods:
         result = results[name]
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{name:<14}{result['cpu']:>8.2f}{result['wall']:>8.2f}{f'{low:.2f}-{high:.2f}':>14}"
             f"{molecules / result[clock]:>12.1f}{result['peak_mib']:>9.0f}{ratios[0]:>8.2f}x{ratios[1]:>8.2f}x"
-            f"{ratios[2]:>9.2f}x"
+            f"{f'{ratios[2]:.2f}x' if earlier else '':>10}"
             f"{difference:>11.1e}"
         )
     memory = (
@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         f"max |diff|: largest score difference from {reference_name!r}, relative to its largest |score|. "
         f"peak MiB: {memory} above its level with the model and data loaded (warm-up included). cpu s, wall s: "
         "medians of the timed passes (wall min-max: their range). molecules/s and vs (speed-up over that "
-        "method; alone: loop_alone, the loop without padding; "
-        f"{old_best}: the faster of the earlier batched methods {'/'.join(EARLIER)}) use {clock} seconds."
+        "method; alone: loop_alone, the loop without padding"
+        + (f"; {old_best}: the faster of the earlier batched methods {'/'.join(EARLIER)}" if earlier else "")
+        + f") use {clock} seconds."
     )
 
 

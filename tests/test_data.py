@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 
@@ -20,7 +19,7 @@ from molft.data import (
     prepare_molecules,
     read_table,
 )
-from molft.overlap import dataset_fingerprint, drop_overlap, duplicate_report
+from molft.overlap import duplicate_report
 
 
 def _frame(smiles: list[object], labels: list[object] | None = None) -> pd.DataFrame:
@@ -271,51 +270,6 @@ def test_duplicates_are_reported_and_kept(caplog):
     assert report["n_extra_rows"] == 2
     assert report["examples"] == [{"canonical_smiles": "CCO", "rows": [0, 2, 4], "labels": [1.0, 1.5, 0.5]}]
     assert report["max_label_spread"] == pytest.approx(1.0)
-
-
-def test_duplicate_report_without_duplicates():
-    out = prepare_molecules(_frame(["CCO", "CCN"], [1, 2]), "smiles", "y", source="t")
-    assert duplicate_report(out) == {
-        "n_duplicated_molecules": 0,
-        "n_extra_rows": 0,
-        "examples": [],
-        "max_label_spread": 0.0,
-    }
-
-
-# ---------------------------------------------------------------- overlap and fingerprint
-
-
-def _prepared(smiles: list[str]) -> pd.DataFrame:
-    return prepare_molecules(_frame(smiles), "smiles", None, source="t", require_labels=False)
-
-
-def test_drop_overlap_reports_per_split_and_drops(caplog):
-    extra = _prepared(["CCO", "CCN", "c1ccccc1", "CCCl", "OCC"])
-    heldout = {"validation": _prepared(["NCC", "CCCC"]), "test": _prepared(["C1=CC=CC=C1", "CCN"])}
-    with caplog.at_level(logging.WARNING, logger="molft.data"):
-        kept, report = drop_overlap(extra, heldout)
-    assert report == {"validation": 1, "test": 2, "dropped": 2}
-    assert kept["canonical_smiles"].tolist() == ["CCO", "CCCl", "CCO"]
-    assert kept["smiles"].tolist() == ["CCO", "CCCl", "OCC"]
-    assert kept["row"].tolist() == [0, 3, 4]
-    assert any("2 of 5 molecules also occur" in r.getMessage() for r in caplog.records)
-
-
-def test_drop_overlap_can_keep_but_still_reports(caplog):
-    extra = _prepared(["CCO", "CCN"])
-    with caplog.at_level(logging.WARNING, logger="molft.data"):
-        kept, report = drop_overlap(extra, {"test": _prepared(["CCN"])}, drop=False)
-    assert report == {"test": 1, "dropped": 0}
-    assert len(kept) == 2
-    assert any("KEPT" in r.getMessage() for r in caplog.records)
-
-
-def test_dataset_fingerprint_is_sha256_of_ordered_smiles():
-    expected = hashlib.sha256(b"CCO\nc1ccccc1\n").hexdigest()
-    assert dataset_fingerprint(["CCO", "c1ccccc1"]) == expected
-    assert dataset_fingerprint(["c1ccccc1", "CCO"]) != expected
-    assert dataset_fingerprint(["CCOc1ccccc1"]) != expected
 
 
 # ---------------------------------------------------------------- reading files

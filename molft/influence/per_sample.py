@@ -214,15 +214,30 @@ class LayerwiseGradients:
         return out[:, self.slices[index]].view(out.shape[0], *self.problem.shapes[index])
 
     def grad_dot(self, theta: torch.Tensor, batch: Batch, directions: torch.Tensor) -> torch.Tensor:
-        """[Q, B] products g_i . d with the rows of `directions`, without the [B, P] matrix."""
+        """[Q, B] products g_i . d with the rows of `directions`, without the [B, P] matrix.
+
+        Each call's contributions are contracted per input row (token or sample) where that is cheap
+        (`row_products`); the packed token rows of every call are summed into one [T, Q] buffer and summed per
+        sample once, instead of once per call.
+        """
         records, size = self.record(theta, batch)
         products = directions.new_zeros(directions.shape[0], size)
+        packed_rows: torch.Tensor | None = None
         for record in records:
             blocks = {
                 leaf: directions[:, self.slices[index]].view(-1, *self.problem.shapes[index])
                 for leaf, index in record.site.slots.items()
             }
-            products += site_products(record, blocks)
+            rows, rest = row_products(record, blocks)
+            if rows is not None and record.packed is not None:
+                packed_rows = rows if packed_rows is None else packed_rows.add_(rows)
+            elif rows is not None:
+                products += rows.view(size, -1, rows.shape[-1]).sum(1).T
+            if rest:
+                products += site_products(record, {leaf: blocks[leaf] for leaf in rest})
+        if packed_rows is not None:
+            packed = next(record.packed for record in records if record.packed is not None)
+            products += packed.sum_per_sample(packed_rows).T
         return products
 
 
@@ -272,6 +287,39 @@ def per_sample_tensors(
     if "bias" in leaves:
         place("bias", g, (g.shape[-1],))
     return out
+
+
+def row_products(record: Record, blocks: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | None, list[str]]:
+    """Each input row's share [rows, Q] of g_i . d for the leaves it contracts directly, and the leaves left.
+
+    Linear: (D x_t + d_b) . g_t, one addmm per call (the bias rides along), when that costs no more than forming
+    the per-sample weight gradients (one direction, or one row per sample). LayerNorm: (d_w * xhat_t + d_b) . g_t.
+    A row's share is summed over its sample's rows by the caller. Embeddings are left to `site_products`.
+    """
+    module, x, g = record.site.module, record.x, record.g
+    queries = next(iter(blocks.values())).shape[0]
+    rows = g.reshape(-1, 1, g.shape[-1])  # [rows, 1, out]
+    if isinstance(module, nn.Linear):
+        inputs = x.reshape(-1, x.shape[-1])
+        per_sample = inputs.shape[0] // (record.packed.batch if record.packed else x.shape[0])
+        if "weight" not in blocks or queries * per_sample > queries + per_sample:
+            return None, list(blocks)
+        weight = blocks["weight"].reshape(-1, x.shape[-1])  # [Q * out, in]
+        if "bias" in blocks:
+            projected = torch.addmm(blocks["bias"].reshape(-1), inputs, weight.T)
+        else:
+            projected = inputs @ weight.T
+        return (projected.view(inputs.shape[0], queries, -1) * rows).sum(-1), []
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(module.normalized_shape)
+        rows = rows.reshape(-1, math.prod(dims))
+        share = rows @ blocks["bias"].reshape(queries, -1).T if "bias" in blocks else None
+        if "weight" in blocks:
+            normalised = nn.functional.layer_norm(x, dims, eps=module.eps).reshape(rows.shape)
+            weighted = (rows * normalised) @ blocks["weight"].reshape(queries, -1).T
+            share = weighted if share is None else share.add_(weighted)
+        return share, []
+    return None, list(blocks)
 
 
 def site_products(record: Record, blocks: Mapping[str, torch.Tensor]) -> torch.Tensor:
