@@ -66,6 +66,7 @@ from molft.splits import SPLIT_NAMES, save_split
 from molft.task_outputs import done_fields, make_compute_metrics, write_loss_curves
 from molft.tasks import Task, TaskArguments, best_metric, check_split_labels, make_task
 from molft.threads import choose_cpu_threads
+from molft.train_order import TRAIN_ORDERS, fixed_training_order
 from molft.trainer import (
     RegressionTrainer,
     configure_training,
@@ -212,6 +213,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     configure_training(
         training_args,
         length_grouping=data_args.length_grouping,
+        fixed_order=data_args.train_order == "fixed",
         early_stopping_patience=run_args.early_stopping_patience,
         auto_mixed_precision=run_args.auto_mixed_precision,
         search=search,
@@ -223,6 +225,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     # Data: every SMILES and label checked, split, external molecules added to train only
     reuse_split = output_dir / SPLIT_FILE if last_checkpoint and not data_args.split_file else None
     data = prepare_data(data_args, reuse_split=reuse_split, task=task)
+    if data_args.train_order == "fixed":  # the split's molecules in one order, extra ones at their own places
+        data.frames["train"] = fixed_training_order(data.frames["train"], training_args.seed)
     logger.info(
         "Data: %s, SMILES column %r, label column %r; %s split %s",
         data.source,
@@ -459,6 +463,7 @@ def validate_arguments(
         "--target_scaling": (model_args.target_scaling, TARGET_SCALINGS),
         "--weight_mapping": (data_args.weight_mapping, WEIGHT_MAPPINGS),
         "--hp_search": (run_args.hp_search, HP_SEARCH_BACKENDS),
+        "--train_order": (data_args.train_order, TRAIN_ORDERS),
     }
     for flag, (value, allowed) in checks.items():
         if value not in allowed:

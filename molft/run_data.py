@@ -148,6 +148,16 @@ class RegressionDataArguments:
     length_grouping: bool = field(
         default=True, metadata={"help": "Batch molecules of similar token length (less padding)."}
     )
+    train_order: str = field(
+        default="random",
+        metadata={
+            "help": "random: the Trainer shuffles train + extra molecules from --seed every epoch | fixed: the "
+            "split's molecules in one order drawn from --seed, each extra molecule at a place drawn from its "
+            "SMILES and --seed, the same every epoch, no length grouping; runs that differ only in their extra "
+            "molecules then see the split's molecules in the same order (LDS retraining: --lds_retrain_args "
+            "'--train_order fixed')."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Debug: cap the training set."})
     predict_file: str | None = field(
         default=None, metadata={"help": "Unlabelled SMILES to predict (csv/json/parquet), with --do_predict."}

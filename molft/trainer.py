@@ -108,17 +108,21 @@ def configure_training(
     *,
     length_grouping: bool,
     early_stopping_patience: int,
+    fixed_order: bool = False,
     auto_mixed_precision: bool,
     search: bool = False,
     best_metric: str = "rmse",
 ) -> None:
     """Defaults this task needs: epoch-wise evaluation, best-by-validation-RMSE checkpoint, length grouping.
 
-    `search`: the run is a hyperparameter search, whose trials keep no checkpoint. `best_metric`: the
+    `fixed_order`: batches follow the training frame's order (`--train_order fixed`). `search`: the run is a
+    hyperparameter search, whose trials keep no checkpoint. `best_metric`: the
     validation metric that picks the best checkpoint unless one is given, lower-is-better "rmse" or a
     higher-is-better one (a classifier's "roc_auc").
     """
-    if length_grouping:
+    if fixed_order:  # the training frame is already in its order (molft.train_order)
+        training_args.train_sampling_strategy = "sequential"
+    elif length_grouping:
         training_args.train_sampling_strategy = "group_by_length"
     training_args.length_column_name = "length"
     if training_args.label_names is None:
