@@ -28,43 +28,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import transformers
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
 
 from molft import cli, preflight
 from molft.augment import AugmentationArguments, augment_training_set, vocabulary_variants
 from molft.files import (
     ALL_RESULTS_FILE,
-    LOSS_CURVES_FILE,
-    MERGED_DIR,
     MODEL_CARD_FILE,
-    PREDICT_PREDICTIONS_FILE,
     PREDICTIONS_FILE,
     SPLIT_FILE,
 )
 from molft.hp_search import run_hp_search
-from molft.io import mark_done, write_csv, write_json, write_text
+from molft.io import mark_done
 from molft.labels import dataset_labels
-from molft.model_card import regression_model_card
-from molft.peft_setup import PEFT_METHODS, PeftOptions, publish_base_reference, trainable_parameters
+from molft.peft_setup import PEFT_METHODS, PeftOptions, trainable_parameters
 from molft.regression import (
     TARGET_SCALINGS,
     ModelFactory,
     RegressionModelArguments,
     cap_splits,
-    export_merged,
     load_tokenizer,
     predict_splits,
     predict_unlabelled,
     tokenise,
-    write_predictions,
 )
-from molft.run_data import PreparedData, RegressionDataArguments, prepare_data
-from molft.run_record import explicit_options, write_run_config
+from molft.run_data import RegressionDataArguments, prepare_data
+from molft.run_outputs import write_outputs
+from molft.run_record import explicit_options
 from molft.splits import SPLIT_NAMES, save_split
-from molft.task_outputs import done_fields, make_compute_metrics, write_loss_curves
-from molft.tasks import Task, TaskArguments, best_metric, check_split_labels, make_task
+from molft.task_outputs import done_fields, make_compute_metrics
+from molft.tasks import TaskArguments, best_metric, check_split_labels, make_task
 from molft.threads import choose_cpu_threads
 from molft.train_order import TRAIN_ORDERS, fixed_training_order
 from molft.trainer import (
@@ -385,69 +379,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             MODEL_CARD_FILE,
         )
     return metrics
-
-
-def write_outputs(
-    trainer: RegressionTrainer,
-    tokenizer: PreTrainedTokenizerBase,
-    metrics: dict[str, Any],
-    predictions: pd.DataFrame,
-    unlabelled: pd.DataFrame | None,
-    options: dict[str, Any],
-    data: PreparedData,
-    all_args: tuple,
-    task: Task,
-) -> None:
-    """Every result file of a run (main process only), each written atomically."""
-    model_args, peft_args, data_args, task_args, run_args, aug_args, unc_args, training_args = all_args
-    output_dir = Path(training_args.output_dir)
-    write_predictions(predictions, output_dir, data.label_name, task)
-    if unlabelled is not None:
-        write_csv(output_dir / PREDICT_PREDICTIONS_FILE, unlabelled)
-        logger.info("Wrote %d predictions for %s", len(unlabelled), data_args.predict_file)
-    if training_args.do_train:
-        write_loss_curves(
-            trainer.state.log_history,
-            output_dir / LOSS_CURVES_FILE,
-            task,
-            loss=model_args.loss,
-            target_scaling=model_args.target_scaling,
-            label_name=data.label_name,
-            n_train=len(data.frames["train"]),
-            n_validation=len(data.frames["validation"]),
-            best_step=trainer.state.best_global_step,
-        )
-    if peft_args.merge_adapter:
-        export_merged(trainer.model, tokenizer, output_dir / MERGED_DIR, peft_args.peft)
-    write_json(output_dir / ALL_RESULTS_FILE, metrics)
-    sections = {
-        "model": model_args,
-        "peft": peft_args,
-        "data": data.resolved_options(data_args),
-        "task": {**vars(task_args), **task.record()},
-        "run": run_args,
-        "augmentation": aug_args,
-        "uncertainty": unc_args,
-        "training": training_args,
-        "data_source": data.source,
-        "split": {"method": data.split.method, "sizes": data.split.sizes},
-        "extra": data.extra_report,
-    }
-    write_run_config(output_dir, options, sections, script="run_regression.py")
-    trainer.model_card_text = regression_model_card(
-        model_args=model_args,
-        peft_method=peft_args.peft,
-        data_source=data.source,
-        split=data.split,
-        metrics=metrics,
-        extra_file=data_args.extra_train_file,
-        n_extra=metrics["n_extra_train"],
-        label_name=data.label_name,
-        base_model=publish_base_reference(trainer.model, output_dir),  # relative or a Hub id
-        problem_type=task.problem_type,
-        outputs=task.output_names,
-    )
-    write_text(output_dir / MODEL_CARD_FILE, trainer.model_card_text)
 
 
 def validate_arguments(
