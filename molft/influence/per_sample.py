@@ -325,33 +325,20 @@ def row_products(record: Record, blocks: Mapping[str, torch.Tensor]) -> tuple[to
 def site_products(record: Record, blocks: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[Q, B] products of one call's per-sample gradients with `blocks` ({leaf: [Q, *shape]} directions).
 
-    A weight is contracted directly (d . g_i = sum_t g_it . (D x_it) for a Linear, a gather of the token
-    rows of D for an Embedding) when that is cheaper than forming the B per-sample weight gradients first;
-    packed token rows are contracted as they are and summed per sample.
+    For the leaves `row_products` leaves: an Embedding's weight is contracted directly (a gather of the token
+    rows of D) when that is cheaper than forming the B per-sample weight gradients; everything else (a Linear
+    weight under several directions, a Linear bias without its weight) forms them first.
     """
     module, x, g, packed = record.site.module, record.x, record.g, record.packed
     queries = next(iter(blocks.values())).shape[0]
-    direct = set()
-    if "weight" in blocks and isinstance(module, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-        per_sample = rows.shape[0] // (packed.batch if packed else x.shape[0])
-        if queries * per_sample <= queries + per_sample:  # one direction, or one row per sample
-            weight = blocks["weight"]
-            projected = (rows @ weight.reshape(-1, weight.shape[-1]).T).view(rows.shape[0], queries, -1)
-            row_products = (projected * g.reshape(rows.shape[0], 1, -1)).sum(-1)  # [rows, Q]
-            if packed is None:
-                row_products = row_products.view(x.shape[0], -1, queries).sum(1)
-            else:
-                row_products = packed.sum_per_sample(row_products)
-            direct.add("weight")
-    elif "weight" in blocks and isinstance(module, nn.Embedding) and packed is None:
+    size = packed.batch if packed is not None else x.shape[0]
+    products = g.new_zeros(queries, size)
+    rest = list(blocks)
+    if "weight" in blocks and isinstance(module, nn.Embedding) and packed is None:
         ids, rows = _embedding_rows(module, x, g)
         if queries * ids.shape[1] <= module.num_embeddings:
-            row_products = torch.einsum("qbth,bth->bq", blocks["weight"][:, ids], rows)
-            direct.add("weight")
-    size = packed.batch if packed is not None else x.shape[0]
-    products = row_products.T.contiguous() if direct else g.new_zeros(queries, size)
-    rest = [leaf for leaf in blocks if leaf not in direct]
+            products += torch.einsum("qbth,bth->qb", blocks["weight"][:, ids], rows)
+            rest.remove("weight")
     for leaf, values in per_sample_tensors(module, rest, x, g, packed).items():
         products += blocks[leaf].reshape(queries, -1) @ values.reshape(size, -1).T
     return products
